@@ -959,3 +959,949 @@ def merge_telegrams(telegrams: Sequence[Telegram]) -> Telegram:
         merged.records.extend(telegram.records)
     merged.more_records_follow = telegrams[-1].more_records_follow
     return merged
+
+
+# ---------------------------------------------------------------------------
+# 3. Bus: the only code that touches a port
+# ---------------------------------------------------------------------------
+
+
+class BusError(Exception):
+    """A meter could not be read: no answer, a corrupt answer, a port problem."""
+
+
+BYTE_BITS = 11  # 8E1: start, 8 data, parity, stop
+MAX_TELEGRAMS = 16  # "more records follow" is followed at most this often
+READ_SLICE = 0.05  # seconds a single port read may block; the deadline is ours
+
+
+def wire_seconds(nbytes: int, baudrate: int) -> float:
+    return nbytes * BYTE_BITS / baudrate
+
+
+class Bus:
+    """An M-Bus master on a pyserial-like port (anything with ``read(n)`` and ``write(b)``).
+
+    ``timeout`` is how long a meter may stay silent before its answer starts; once a
+    long frame's length byte is in, the rest gets its wire time on top.  The port's
+    own read timeout should be short (READ_SLICE): this class keeps the deadline.
+    """
+
+    def __init__(self, port, *, baudrate=2400, timeout=1.0, retries=2, pause=0.1, log=None):
+        self.port = port
+        self.baudrate = baudrate
+        self.timeout = timeout
+        self.retries = retries
+        self.pause = pause
+        self.log = log
+        self.clock = time.monotonic
+
+    # -- raw I/O ---------------------------------------------------------
+
+    def _send(self, frame: bytes) -> None:
+        reset = getattr(self.port, "reset_input_buffer", None)
+        if reset is not None:
+            reset()  # a late answer to an earlier request must not pass for this one
+        if self.log:
+            self.log(f"> {frame.hex(' ').upper()}")
+        self.port.write(frame)
+        flush = getattr(self.port, "flush", None)
+        if flush is not None:
+            flush()
+
+    def _fill(self, buf: bytearray, n: int, deadline: float) -> bool:
+        """Read until ``buf`` holds ``n`` bytes; False when the deadline passes first."""
+        while len(buf) < n:
+            if self.clock() >= deadline:
+                return False
+            chunk = self.port.read(n - len(buf))
+            if chunk:
+                buf += chunk
+        return True
+
+    def _answer(self, request: bytes, want_frame: bool) -> bytes:
+        """The slave's answer to ``request``: the byte E5, or a whole long frame.
+
+        Skips line noise before the start byte and an echo of the request.
+        """
+        deadline = self.clock() + self.timeout
+        buf = bytearray()
+        try:
+            while True:
+                if not self._fill(buf, 1, deadline):
+                    raise BusError(_silence(buf, self.timeout))
+                first = buf[0]
+                if first == request[0]:  # perhaps our own request, echoed by the adapter
+                    if self._fill(buf, len(request), deadline) and buf[: len(request)] == request:
+                        self._trace("echo", buf[: len(request)])
+                        del buf[: len(request)]
+                        continue
+                if first == ACK and not want_frame:
+                    self._trace("<", buf[:1])
+                    return b"\xe5"
+                if first == START_LONG and want_frame:
+                    if not self._fill(buf, 4, deadline):
+                        raise BusError(_truncated(buf, 4))
+                    try:
+                        length = long_frame_length(bytes(buf[:4]))
+                    except FrameError:
+                        length = None
+                    if length is not None:
+                        rest = length - len(buf)
+                        deadline = max(
+                            deadline, self.clock() + 2 * wire_seconds(rest, self.baudrate) + 0.2
+                        )
+                        if not self._fill(buf, length, deadline):
+                            raise BusError(_truncated(buf, length))
+                        self._trace("<", buf[:length])
+                        return bytes(buf[:length])
+                self._trace("noise", buf[:1])
+                del buf[0]
+        except BusError:
+            if buf:
+                self._trace("<", buf)
+            raise
+
+    def _trace(self, what: str, data) -> None:
+        if self.log:
+            self.log(f"{what} {bytes(data).hex(' ').upper()}")
+
+    # -- requests ----------------------------------------------------------
+
+    def _attempts(self, what: str, action):
+        """Run ``action`` until it succeeds, at most 1 + retries times, pausing between."""
+        reason = ""
+        for attempt in range(1 + self.retries):
+            if attempt:
+                time.sleep(self.pause)
+            try:
+                return action()
+            except (BusError, FrameError) as exc:
+                reason = str(exc)
+                if self.log:
+                    self.log(f"! {what}: {reason}")
+        tries = 1 + self.retries
+        raise BusError(f"{what}: {reason} (after {tries} {'try' if tries == 1 else 'tries'})")
+
+    def _ack(self, frame: bytes, what: str) -> None:
+        def once():
+            self._send(frame)
+            self._answer(frame, want_frame=False)
+
+        self._attempts(what, once)
+
+    def read(self, address: int | str) -> Telegram:
+        """Read one meter: a primary address (0-250, 254) or an 8-digit secondary address."""
+        if isinstance(address, str):
+            target = ADDRESS_SECONDARY
+            self._ack(snd_nke(ADDRESS_SECONDARY), "SND_NKE")
+            self._ack(select_secondary(address), f"selecting secondary address {address}")
+        else:
+            target = address
+            self._ack(snd_nke(address), "SND_NKE")
+        telegrams = []
+        fcb = True  # after SND_NKE the first REQ_UD2 carries FCB=1
+        while True:
+            request = req_ud2(target, fcb)
+
+            def once(request=request):
+                self._send(request)
+                telegram = decode_telegram(self._answer(request, want_frame=True))
+                if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and telegram.address != target:
+                    raise BusError(f"answer from address {telegram.address}, not {target}")
+                if isinstance(address, str) and telegram.id != address:
+                    raise BusError(f"answer from meter {telegram.id}, not {address}")
+                return telegram
+
+            try:
+                telegrams.append(self._attempts("REQ_UD2", once))
+            except BusError as exc:
+                if isinstance(exc.__context__, ApplicationError):
+                    raise BusError(str(exc.__context__)) from None
+                raise
+            if not telegrams[-1].more_records_follow or len(telegrams) >= MAX_TELEGRAMS:
+                break
+            fcb = not fcb
+        return merge_telegrams(telegrams)
+
+    def scan(self, addresses: Iterable[int], progress=None) -> Iterator[Telegram]:
+        """Probe primary addresses; yield the telegram of every meter that answers."""
+        for address in addresses:
+            try:
+                yield self.read(address)
+            except BusError:
+                pass
+            if progress is not None:
+                progress(address)
+
+
+def _silence(buf: bytearray, timeout: float) -> str:
+    return f"no answer within {timeout:g} s"
+
+
+def _truncated(buf: bytearray, expected: int) -> str:
+    return f"answer cut off after {len(buf)} of {expected} bytes"
+
+
+def open_port(url: str, baudrate: int, wait: float = 10.0):
+    """Open the serial port or pyserial URL exclusively, 8E1, with a short read slice.
+
+    A port locked by another run is tried again until ``wait`` seconds have passed.
+    Errors become a BusError with one line saying what to do.
+    """
+    import errno
+
+    import serial  # pyserial
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            port = serial.serial_for_url(
+                url,
+                baudrate=baudrate,
+                bytesize=serial.EIGHTBITS,
+                parity=serial.PARITY_EVEN,
+                stopbits=serial.STOPBITS_ONE,
+                timeout=READ_SLICE,
+                write_timeout=5,
+                exclusive=True,
+                do_not_open=True,
+            )
+            port.open()
+            return port
+        except ValueError as exc:
+            raise BusError(f"port {url}: {exc}") from None
+        except (serial.SerialException, OSError) as exc:
+            code = getattr(exc, "errno", None)
+            text = str(exc)
+            if code in (errno.EAGAIN, errno.EBUSY) or "exclusively lock" in text:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise BusError(f"port {url} is busy: another program holds it") from None
+            if code == errno.ENOENT:
+                raise BusError(
+                    f"port {url} does not exist: is the M-Bus adapter plugged in "
+                    "(see 10-usbports.rules for /dev/ttymeterBus)?"
+                ) from None
+            if code == errno.EACCES:
+                raise BusError(
+                    f"permission denied on {url}: add the user to the dialout group "
+                    "or install 10-usbports.rules"
+                ) from None
+            raise BusError(f"port {url}: {_one_line(text)}") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# ---------------------------------------------------------------------------
+# 4. Metrics: telegrams to Prometheus exposition text
+# ---------------------------------------------------------------------------
+
+NAMESPACE = "kamstrup"
+
+# Kamstrup info code (manufacturer register FF 22): bit -> flag name.
+INFO_FLAGS = (
+    (0, "supply_voltage_interrupted"),
+    (1, "low_battery"),
+    (2, "external_alarm"),
+    (3, "t1_above_range"),
+    (4, "t2_above_range"),
+    (5, "t1_below_range"),
+    (6, "t2_below_range"),
+    (7, "invalid_temperature_difference"),
+    (8, "v1_air"),
+    (9, "v1_wrong_flow_direction"),
+    (11, "v1_flow_above_qs"),
+)
+
+# Kamstrup manufacturer registers after VIF 0xFF: VIFE -> (base name, counter?).
+KAMSTRUP_REGISTERS = {
+    b"\x07": ("e8_cubic_meters_celsius", True),
+    b"\x08": ("e9_cubic_meters_celsius", True),
+    b"\x22": ("info_code", False),
+}
+
+# quantity -> (base name, counter?, extra labels)
+QUANTITY_NAMES = {
+    "energy": ("energy_joules", True, ()),
+    "volume": ("volume_cubic_meters", True, ()),
+    "mass": ("mass_kilograms", True, ()),
+    "on_time": ("on_time_seconds", True, ()),
+    "operating_time": ("operating_time_seconds", True, ()),
+    "power": ("power_watts", False, ()),
+    "volume_flow": ("volume_flow_cubic_meters_per_second", False, ()),
+    "mass_flow": ("mass_flow_kilograms_per_second", False, ()),
+    "flow_temperature": ("temperature_celsius", False, (("sensor", "flow"),)),
+    "return_temperature": ("temperature_celsius", False, (("sensor", "return"),)),
+    "external_temperature": ("temperature_celsius", False, (("sensor", "external"),)),
+    "temperature_difference": ("temperature_difference_kelvin", False, ()),
+    "pressure": ("pressure_pascals", False, ()),
+    "date": ("date_timestamp_seconds", False, ()),
+    "datetime": ("clock_timestamp_seconds", False, ()),
+}
+
+UNIT_SUFFIXES = {
+    "J": "joules",
+    "m3": "cubic_meters",
+    "kg": "kilograms",
+    "s": "seconds",
+    "W": "watts",
+    "m3/s": "cubic_meters_per_second",
+    "kg/s": "kilograms_per_second",
+    "degC": "celsius",
+    "K": "kelvin",
+    "Pa": "pascals",
+    "V": "volts",
+    "A": "amperes",
+    "percent": "percent",
+}
+
+FUNCTION_PREFIXES = {"instantaneous": "", "maximum": "max_", "minimum": "min_", "error": "error_"}
+
+# HELP texts of the families whose meaning is known; others get a generic one.
+HELP = {
+    "up": "1 if the meter at this address was read in this run, 0 if not.",
+    "read_duration_seconds": "Time spent reading the meter at this address in this run.",
+    "last_success_timestamp_seconds": "Unix time of the last successful read of this address.",
+    "meter_info": "Identity of the meter that answered at this address.",
+    "energy_joules_total": "Heat energy E1 (register 1), current value.",
+    "cooling_energy_joules_total": "Cooling energy E3 (negative contributions), current value.",
+    "volume_cubic_meters_total": "Volume V1, current value.",
+    "on_time_seconds_total": "Hour counter: time the meter has been on.",
+    "operating_time_seconds_total": "Operating time of the meter.",
+    "error_on_time_seconds_total": "Hours in error: time the meter has spent in an error state.",
+    "temperature_celsius": "Temperature: sensor flow is t1, return is t2.",
+    "temperature_difference_kelvin": "Temperature difference t1 - t2.",
+    "power_watts": "Current heat power.",
+    "max_power_watts": "Maximum heat power of the current period.",
+    "volume_flow_cubic_meters_per_second": "Current volume flow.",
+    "max_volume_flow_cubic_meters_per_second": "Maximum volume flow of the current period.",
+    "info_code": "Kamstrup info code (bit field; 0 means no error).",
+    "info_flag": "1 if this Kamstrup info code condition is present now, else 0.",
+    "e8_cubic_meters_celsius_total": "Kamstrup E8: volume times flow temperature t1.",
+    "e9_cubic_meters_celsius_total": "Kamstrup E9: volume times return temperature t2.",
+    "error_flags": "Error flags of the meter (bit field, FD 17).",
+    "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone.",
+    "register_date_timestamp_seconds": "Stored date (e.g. the target date), local midnight.",
+    "manufacturer_register": "A manufacturer-specific register, raw value.",
+}
+
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+RESERVED_LABELS = frozenset(
+    ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
+     "manufacturer", "version", "medium", "vife", "record")
+)  # fmt: skip
+
+
+def _metric_part(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]+", "_", text).strip("_").lower()
+
+
+def _local_timestamp(text: str) -> float | None:
+    """Seconds since the epoch of a meter's local date or date-time, in this host's zone."""
+    import datetime as dt
+
+    try:
+        if "T" in text:
+            value = dt.datetime.fromisoformat(text)
+        else:
+            value = dt.datetime.fromisoformat(text + "T00:00")
+    except ValueError:
+        return None
+    return float(time.mktime(value.timetuple()))
+
+
+def record_series(telegram: Telegram, record: Record):
+    """(family base name, counter?, labels, value) for one record, or None if not a number."""
+    value = record.value
+    manufacturer = telegram.manufacturer
+    counter = False
+    labels: tuple = ()
+    quantity = record.quantity
+    if quantity in ("date", "datetime"):
+        if not isinstance(value, str):
+            return None
+        value = _local_timestamp(value)
+        if value is None:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if quantity == "manufacturer_specific":
+        known = KAMSTRUP_REGISTERS.get(record.manufacturer_vife) if manufacturer == "KAM" else None
+        if known:
+            base, counter = known
+        else:
+            base = "manufacturer_register"
+            labels = (("register", record.manufacturer_vife.hex() or "none"),)
+    elif quantity in QUANTITY_NAMES:
+        base, counter, labels = QUANTITY_NAMES[quantity]
+        if quantity == "energy" and (
+            "negative_accumulation" in record.modifiers
+            or (manufacturer == "KAM" and record.manufacturer_vife == b"\x02")
+        ):
+            base = "cooling_energy_joules"
+    else:
+        suffix = UNIT_SUFFIXES.get(record.unit, _metric_part(record.unit))
+        base = _metric_part(quantity)
+        if suffix and not base.endswith(suffix):
+            base = f"{base}_{suffix}"
+        if record.text_unit:
+            labels = (("unit", record.text_unit),)
+    extra = [
+        m
+        for m in record.modifiers
+        if m not in ("negative_accumulation", "manufacturer_specific")
+        and not m.startswith("correction_")
+    ]
+    if record.manufacturer_vife and quantity != "manufacturer_specific":
+        if base != "cooling_energy_joules":
+            extra.append("manufacturer_" + record.manufacturer_vife.hex())
+    if extra:  # a quantity qualified in a way we have no name for: never a plain register
+        labels = labels + (("vife", ",".join(extra)),)
+        counter = False
+    if record.function in ("maximum", "minimum"):
+        counter = False
+    base = FUNCTION_PREFIXES[record.function] + base
+    if (record.storage, record.tariff, record.subunit) != (0, 0, 0):
+        base = "register_" + base
+        counter = False
+        labels = (
+            ("storage", str(record.storage)),
+            ("tariff", str(record.tariff)),
+            ("subunit", str(record.subunit)),
+        ) + labels
+    return base, counter, labels, value
+
+
+@dataclass
+class Family:
+    name: str
+    type: str
+    help: str
+    samples: list = field(default_factory=list)  # (labels tuple, value)
+
+
+class Exposition:
+    """Samples grouped by family, each family once, in a stable order."""
+
+    def __init__(self, const_labels: Sequence = ()):
+        self.const = tuple(const_labels)
+        self.families: dict = {}
+        self._seen: set = set()
+
+    def add(self, base: str, labels: Sequence, value, counter: bool = False) -> bool:
+        name = f"{NAMESPACE}_{base}" + ("_total" if counter else "")
+        key_base = base + ("_total" if counter else "")
+        family = self.families.get(name)
+        if family is None:
+            help_text = HELP.get(key_base) or HELP.get(base) or _generic_help(base)
+            family = Family(name, "counter" if counter else "gauge", help_text)
+            self.families[name] = family
+        labels = tuple(labels) + self.const
+        key = (name, labels)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        family.samples.append((labels, value))
+        return True
+
+    def render(self) -> str:
+        lines = []
+        for name in sorted(self.families):
+            family = self.families[name]
+            lines.append(f"# HELP {name} {_escape_help(family.help)}")
+            lines.append(f"# TYPE {name} {family.type}")
+            for labels, value in family.samples:
+                lines.append(f"{name}{_render_labels(labels)} {_render_value(value)}")
+        return "\n".join(lines) + "\n" if lines else ""
+
+
+def _generic_help(base: str) -> str:
+    if base.startswith("register_"):
+        inner = base[len("register_") :]
+        known = HELP.get(inner + "_total") or HELP.get(inner)
+        what = known.rstrip(".").replace(", current value", "") if known else inner.replace("_", " ")
+        return f"{what}: the register at the storage number, tariff and subunit in the labels."
+    return f"M-Bus record: {base.replace('_', ' ')} (see README, generic records)."
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_label(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _render_labels(labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels) + "}"
+
+
+def _render_value(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def meter_label(telegram: Telegram, address) -> str:
+    """The meter label: its 8-digit identification number, or the address if it has none."""
+    return telegram.id or str(address)
+
+
+def add_telegram(exp: Exposition, telegram: Telegram, address) -> None:
+    """Every numeric record of a meter's reading, plus its info flags."""
+    meter = (("meter", meter_label(telegram, address)),)
+    for index, record in enumerate(telegram.records):
+        series = record_series(telegram, record)
+        if series is None:
+            continue
+        base, counter, labels, value = series
+        if not exp.add(base, meter + labels, value, counter):
+            exp.add(base, meter + labels + (("record", str(index)),), value, counter)
+        if base == "info_code" and record.current:
+            bits = 8 * (_DATA_LENGTHS[record.dib[0] & 0x0F] or 2)  # 16 on a 303, 32 on a 403
+            for bit, flag in INFO_FLAGS:
+                if bit < bits:
+                    exp.add("info_flag", meter + (("flag", flag),), (value >> bit) & 1)
+            known = {bit for bit, _ in INFO_FLAGS}
+            for bit in range(12, bits):
+                if bit not in known:
+                    exp.add("info_flag", meter + (("flag", f"bit_{bit}"),), (value >> bit) & 1)
+
+
+@dataclass
+class Reading:
+    """What one configured address gave in one run."""
+
+    address: Any  # int or secondary address string
+    telegram: Telegram | None = None
+    error: str | None = None
+    duration: float = 0.0
+
+
+def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) -> str:
+    """The whole .prom text for a run. ``last_success`` maps address label -> unix time."""
+    exp = Exposition(const_labels)
+    last_success = dict(last_success or {})
+    now = time.time()
+    for reading in readings:
+        address = (("address", str(reading.address)),)
+        up = reading.telegram is not None
+        exp.add("up", address, 1 if up else 0)
+        exp.add("read_duration_seconds", address, round(reading.duration, 6))
+        if up:
+            last_success[str(reading.address)] = now
+            t = reading.telegram
+            exp.add(
+                "meter_info",
+                address
+                + (
+                    ("meter", meter_label(t, reading.address)),
+                    ("manufacturer", t.manufacturer or ""),
+                    ("version", "" if t.version is None else str(t.version)),
+                    ("medium", t.medium_name),
+                ),
+                1,
+            )
+        when = last_success.get(str(reading.address))
+        if when is not None:
+            exp.add("last_success_timestamp_seconds", address, round(when, 3))
+    for reading in readings:
+        if reading.telegram is not None:
+            add_telegram(exp, reading.telegram, reading.address)
+    return exp.render()
+
+
+_LAST_SUCCESS = re.compile(
+    r'^kamstrup_last_success_timestamp_seconds\{address="([^"]*)"[^}]*\}\s+(\S+)\s*$', re.M
+)
+
+
+def previous_last_success(path: str) -> dict:
+    """The last-success times kept in the previous file, so they survive failed runs."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    out = {}
+    for address, value in _LAST_SUCCESS.findall(text):
+        try:
+            out[address] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------
+# 5. Output: the atomic write
+# ---------------------------------------------------------------------------
+
+
+class OutputError(Exception):
+    """The .prom file could not be written; the previous one is untouched."""
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new, never half.
+
+    A temporary file in the same directory (its name does not end in .prom, so
+    node_exporter ignores it), mode 0644, flushed and fsynced, renamed over the
+    target, then the directory fsynced.  Any failure removes the temporary file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise OutputError(f"cannot write into {directory}: {exc.strerror}") from None
+    try:
+        try:
+            os.fchmod(fd, 0o644)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # the file is in place; a directory that cannot be fsynced is not an error
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Temporary files a killed run left behind (its pid is gone)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f".{os.path.basename(path)}."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix) : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------
+# 6. Command line
+# ---------------------------------------------------------------------------
+
+import click  # noqa: E402  (kept here: the layers above do not need it)
+
+PROG = "kamstrup_textfile"
+DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/kamstrup.prom"
+
+
+class AddressType(click.ParamType):
+    """A primary address 0-250 or 254, or an 8-digit secondary address."""
+
+    name = "address"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            text = str(value)
+        else:
+            text = str(value).strip()
+        if re.fullmatch(r"\d{8}", text):
+            return text
+        if re.fullmatch(r"\d{1,3}", text):
+            number = int(text)
+            if number <= 250 or number == ADDRESS_ANY:
+                return number
+        self.fail(
+            f"{value!r} is not a primary address (0-250, or 254 for the only meter on the bus) "
+            "nor an 8-digit secondary address",
+            param,
+            ctx,
+        )
+
+
+class LabelType(click.ParamType):
+    name = "name=value"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        name, sep, text = str(value).partition("=")
+        if not sep:
+            self.fail(f"{value!r} is not NAME=VALUE", param, ctx)
+        if not _LABEL_NAME.match(name) or name.startswith("__"):
+            self.fail(f"{name!r} is not a valid Prometheus label name", param, ctx)
+        if name in RESERVED_LABELS:
+            self.fail(f"label {name!r} is set by the tool itself", param, ctx)
+        return (name, text)
+
+
+def _read_hex(stream) -> bytes:
+    """Hex digits in any case, separated or not by white space."""
+    text = stream.read()
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise FrameError("the file is not hex text") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        bad = re.search(r"[^0-9A-Fa-f\s]", line)
+        if bad:
+            raise FrameError(f"line {number}: {bad.group()!r} is not a hex digit")
+    digits = "".join(text.split())
+    if not digits:
+        raise FrameError("no hex digits")
+    if len(digits) % 2:
+        raise FrameError(f"odd number of hex digits ({len(digits)})")
+    return bytes.fromhex(digits)
+
+
+def split_frames(data: bytes) -> list:
+    """The long frames one after another in ``data``."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] != START_LONG:
+            raise FrameError(f"no frame at byte {pos}: 0x{data[pos]:02X} is not 0x68")
+        length = long_frame_length(data[pos : pos + 4])
+        if length is None or pos + length > len(data):
+            raise FrameError(f"truncated frame at byte {pos}: {len(data) - pos} bytes left")
+        frames.append(data[pos : pos + length])
+        pos += length
+    return frames
+
+
+def readings_from_frames(frames: Sequence[bytes]) -> list:
+    """Frames as if they had come from the bus: "more records follow" joins the next."""
+    readings = []
+    pending: list = []
+    for frame in frames:
+        try:
+            telegram = decode_telegram(frame)
+        except ApplicationError as exc:
+            address = frame[5] if len(frame) > 5 else 0
+            readings.append(Reading(address=address, error=str(exc)))
+            continue
+        if pending and (telegram.address, telegram.id) != (pending[0].address, pending[0].id):
+            readings.append(Reading(pending[0].address, merge_telegrams(pending)))
+            pending = []
+        pending.append(telegram)
+        if not telegram.more_records_follow or len(pending) >= MAX_TELEGRAMS:
+            readings.append(Reading(pending[0].address, merge_telegrams(pending)))
+            pending = []
+    if pending:
+        readings.append(Reading(pending[0].address, merge_telegrams(pending)))
+    return readings
+
+
+def render_json(readings: Sequence[Reading]) -> str:
+    import json
+
+    meters = []
+    for reading in readings:
+        if reading.telegram is not None:
+            meters.append(reading.telegram.to_json())
+        else:
+            meters.append({"address": reading.address, "error": reading.error})
+    return json.dumps({"meters": meters}, indent=1) + "\n"
+
+
+def _emit(text: str, output: str) -> None:
+    if output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    _remove_stale_temporaries(output)
+    write_atomic(output, text)
+
+
+def _fail(message: str) -> None:
+    click.echo(f"{PROG}: {message}", err=True)
+
+
+def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
+    bus = Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
+    readings = []
+    for address in addresses:
+        start = time.monotonic()
+        try:
+            telegram = bus.read(address)
+            readings.append(Reading(address, telegram, duration=time.monotonic() - start))
+        except BusError as exc:
+            readings.append(Reading(address, error=str(exc), duration=time.monotonic() - start))
+    return readings
+
+
+@click.command(context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100})
+@click.option("--port", default="/dev/ttymeterBus", show_default=True,
+              help="Serial device or pyserial URL (socket://host:port, rfc2217://...).")
+@click.option("--baudrate", type=click.IntRange(300, 38400), default=2400, show_default=True)
+@click.option("--address", "addresses", type=AddressType(), multiple=True,
+              help="Primary address 0-250, 254 (the only meter on the bus; default) or an "
+              "8-digit secondary address. Repeatable.")
+@click.option("--timeout", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
+              help="Seconds a meter may take to start its answer.")
+@click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True)
+@click.option("--output", default=DEFAULT_OUTPUT, show_default=True,
+              help="The .prom file to write atomically, or - for stdout.")
+@click.option("--format", "fmt", type=click.Choice(["prom", "json"]), default="prom",
+              show_default=True)
+@click.option("--label", "labels", type=LabelType(), multiple=True,
+              help="NAME=VALUE: a constant label on every series. Repeatable.")
+@click.option("--once", is_flag=True, help="Read every meter once, write the file, exit.")
+@click.option("--decode", "decode_file", type=click.File("r"), default=None,
+              help="Decode hex frames from FILE (- for stdin) instead of reading the bus.")
+@click.option("--scan", is_flag=True, help="Probe primary addresses 0-250 and list the meters.")
+@click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
+@click.version_option(__version__, prog_name=PROG)
+def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, decode_file,
+        scan, verbose):  # fmt: skip
+    """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
+
+    Every option can also be set as KAMSTRUP_<OPTION> in the environment
+    (KAMSTRUP_PORT, KAMSTRUP_ADDRESS="48 133", KAMSTRUP_LABEL="location=cellar").
+    Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
+    """
+    modes = [name for name, on in (("--once", once), ("--decode", decode_file), ("--scan", scan))
+             if on]  # fmt: skip
+    if len(modes) != 1:
+        what = "nothing to do" if not modes else f"{' and '.join(modes)} exclude each other"
+        raise click.UsageError(f"{what}: give one of --once, --decode FILE or --scan")
+    log = (lambda line: click.echo(line, err=True)) if verbose else None
+    addresses = list(dict.fromkeys(addresses)) or [ADDRESS_ANY]
+
+    if decode_file is not None:
+        try:
+            readings = readings_from_frames(split_frames(_read_hex(decode_file)))
+        except FrameError as exc:
+            _fail(f"{getattr(decode_file, 'name', '-')}: {exc}")
+            sys.exit(1)
+        except OSError as exc:
+            _fail(f"cannot read {getattr(decode_file, 'name', '-')}: {exc.strerror or exc}")
+            sys.exit(1)
+    elif scan:
+        sys.exit(_scan(port, baudrate, timeout, retries, log))
+    else:
+        try:
+            serial_port = open_port(port, baudrate)
+        except BusError as exc:
+            serial_port = None
+            readings = [Reading(a, error=str(exc)) for a in addresses]
+            _fail(str(exc))
+        if serial_port is not None:
+            try:
+                readings = read_meters(serial_port, addresses, baudrate=baudrate,
+                                       timeout=timeout, retries=retries, log=log)  # fmt: skip
+            finally:
+                serial_port.close()
+            for reading in readings:
+                if reading.error:
+                    _fail(f"address {reading.address}: {reading.error}")
+    if decode_file is not None:
+        for reading in readings:
+            if reading.error:
+                _fail(f"address {reading.address}: {reading.error}")
+
+    if fmt == "json":
+        text = render_json(readings)
+    else:
+        previous = previous_last_success(output) if output != "-" else {}
+        text = exposition(readings, labels, previous)
+    try:
+        _emit(text, output)
+    except OutputError as exc:
+        _fail(str(exc))
+        sys.exit(1)
+    sys.exit(1 if any(r.error for r in readings) else 0)
+
+
+def _scan(port, baudrate, timeout, retries, log) -> int:
+    try:
+        serial_port = open_port(port, baudrate)
+    except BusError as exc:
+        _fail(str(exc))
+        return 1
+    found = []
+    try:
+        bus = Bus(serial_port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
+        probe = Bus(serial_port, baudrate=baudrate, timeout=timeout, retries=0, log=log)
+        with click.progressbar(range(251), label="Scanning", file=sys.stderr) as addresses:
+            for address in addresses:
+                try:
+                    probe._ack(snd_nke(address), "SND_NKE")
+                    telegram = bus.read(address)
+                except BusError:
+                    continue
+                found.append(telegram)
+    finally:
+        serial_port.close()
+    for t in found:
+        click.echo(
+            f"address {t.address:3d}  id {t.id}  manufacturer {t.manufacturer}  "
+            f"version {t.version}  medium {t.medium_name}"
+        )
+    if not found:
+        _fail("no meter answered on addresses 0-250")
+        return 1
+    return 0
+
+
+def main() -> None:
+    import signal
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)  # unwinds: temporary files are removed
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        cli(prog_name=PROG)
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
