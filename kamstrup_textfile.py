@@ -814,8 +814,14 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             more = dif == 0x1F
             records.append(
                 Record(
-                    0, 0, 0, "instantaneous", "manufacturer_data", "",
-                    data.hex(" ").upper(), dib=bytes((dif,)),
+                    0,
+                    0,
+                    0,
+                    "instantaneous",
+                    "manufacturer_data",
+                    "",
+                    data.hex(" ").upper(),
+                    dib=bytes((dif,)),
                 )  # fmt: skip
             )
             break
@@ -849,9 +855,18 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
         value, pos = _read_data(payload, pos, end, dif & 0x0F, vib)
         records.append(
             Record(
-                storage, tariff, subunit, FUNCTIONS[(dif >> 4) & 0x03],
-                vib.quantity, vib.unit, value, dib, vib_bytes,
-                vib.modifiers, vib.manufacturer_vife, vib.text_unit,
+                storage,
+                tariff,
+                subunit,
+                FUNCTIONS[(dif >> 4) & 0x03],
+                vib.quantity,
+                vib.unit,
+                value,
+                dib,
+                vib_bytes,
+                vib.modifiers,
+                vib.manufacturer_vife,
+                vib.text_unit,
             )  # fmt: skip
         )
     return records, more
@@ -955,8 +970,12 @@ def merge_telegrams(telegrams: Sequence[Telegram]) -> Telegram:
     if len(telegrams) == 1:
         return first
     merged = Telegram(**{**first.__dict__, "records": []})
-    for telegram in telegrams:
-        merged.records.extend(telegram.records)
+    for telegram in telegrams[:-1]:  # drop the empty DIF 0x1F that only said "more follow"
+        records = telegram.records
+        if records and records[-1].dib == b"\x1f" and not records[-1].value:
+            records = records[:-1]
+        merged.records.extend(records)
+    merged.records.extend(telegrams[-1].records)
     merged.more_records_follow = telegrams[-1].more_records_follow
     return merged
 
@@ -1423,7 +1442,9 @@ def _generic_help(base: str) -> str:
     if base.startswith("register_"):
         inner = base[len("register_") :]
         known = HELP.get(inner + "_total") or HELP.get(inner)
-        what = known.rstrip(".").replace(", current value", "") if known else inner.replace("_", " ")
+        what = (
+            known.rstrip(".").replace(", current value", "") if known else inner.replace("_", " ")
+        )
         return f"{what}: the register at the storage number, tariff and subunit in the labels."
     return f"M-Bus record: {base.replace('_', ' ')} (see README, generic records)."
 
@@ -1776,24 +1797,53 @@ def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
 
 
 @click.command(context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100})
-@click.option("--port", default="/dev/ttymeterBus", show_default=True,
-              help="Serial device or pyserial URL (socket://host:port, rfc2217://...).")
+@click.option(
+    "--port",
+    default="/dev/ttymeterBus",
+    show_default=True,
+    help="Serial device or pyserial URL (socket://host:port, rfc2217://...).",
+)
 @click.option("--baudrate", type=click.IntRange(300, 38400), default=2400, show_default=True)
-@click.option("--address", "addresses", type=AddressType(), multiple=True,
-              help="Primary address 0-250, 254 (the only meter on the bus; default) or an "
-              "8-digit secondary address. Repeatable.")
-@click.option("--timeout", type=click.FloatRange(0.05, 60), default=1.0, show_default=True,
-              help="Seconds a meter may take to start its answer.")
+@click.option(
+    "--address",
+    "addresses",
+    type=AddressType(),
+    multiple=True,
+    help="Primary address 0-250, 254 (the only meter on the bus; default) or an "
+    "8-digit secondary address. Repeatable.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.05, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds a meter may take to start its answer.",
+)
 @click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True)
-@click.option("--output", default=DEFAULT_OUTPUT, show_default=True,
-              help="The .prom file to write atomically, or - for stdout.")
-@click.option("--format", "fmt", type=click.Choice(["prom", "json"]), default="prom",
-              show_default=True)
-@click.option("--label", "labels", type=LabelType(), multiple=True,
-              help="NAME=VALUE: a constant label on every series. Repeatable.")
+@click.option(
+    "--output",
+    default=DEFAULT_OUTPUT,
+    show_default=True,
+    help="The .prom file to write atomically, or - for stdout.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["prom", "json"]), default="prom", show_default=True
+)
+@click.option(
+    "--label",
+    "labels",
+    type=LabelType(),
+    multiple=True,
+    help="NAME=VALUE: a constant label on every series. Repeatable.",
+)
 @click.option("--once", is_flag=True, help="Read every meter once, write the file, exit.")
-@click.option("--decode", "decode_file", type=click.File("r"), default=None,
-              help="Decode hex frames from FILE (- for stdin) instead of reading the bus.")
+@click.option(
+    "--decode",
+    "decode_file",
+    type=click.File("r"),
+    default=None,
+    help="Decode hex frames from FILE (- for stdin) instead of reading the bus.",
+)
 @click.option("--scan", is_flag=True, help="Probe primary addresses 0-250 and list the meters.")
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
 @click.version_option(__version__, prog_name=PROG)
