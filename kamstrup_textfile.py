@@ -1019,21 +1019,30 @@ class Bus:
 
     def _send(self, frame: bytes) -> None:
         reset = getattr(self.port, "reset_input_buffer", None)
-        if reset is not None:
-            reset()  # a late answer to an earlier request must not pass for this one
+        try:
+            if reset is not None:
+                reset()  # a late answer to an earlier request must not pass for this one
+        except OSError as exc:
+            raise BusError(f"port failed: {_one_line(exc)}") from None
         if self.log:
             self.log(f"> {frame.hex(' ').upper()}")
-        self.port.write(frame)
-        flush = getattr(self.port, "flush", None)
-        if flush is not None:
-            flush()
+        try:
+            self.port.write(frame)
+            flush = getattr(self.port, "flush", None)
+            if flush is not None:
+                flush()
+        except OSError as exc:
+            raise BusError(f"port failed while writing: {_one_line(exc)}") from None
 
     def _fill(self, buf: bytearray, n: int, deadline: float) -> bool:
         """Read until ``buf`` holds ``n`` bytes; False when the deadline passes first."""
         while len(buf) < n:
             if self.clock() >= deadline:
                 return False
-            chunk = self.port.read(n - len(buf))
+            try:
+                chunk = self.port.read(n - len(buf))
+            except OSError as exc:  # pyserial's SerialException too: the line went away
+                raise BusError(f"port failed while reading: {_one_line(exc)}") from None
             if chunk:
                 buf += chunk
         return True
