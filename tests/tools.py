@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,28 @@ def require_tool(name: str) -> str:
         pytest.fail(f"{name} not found: {INSTALL_HINT}", pytrace=False)
     return found
 
+
+def run_simulated_read(
+    *args: str, meters=("303:48:71234567", "403:133:67434187"), env=None, timeout=120
+) -> subprocess.CompletedProcess:
+    """Run `kamstrup_textfile.py --once ARGS` against kamstrup_sim's simulated bus."""
+    sim = [sys.executable, str(ROOT / "kamstrup_sim.py")]
+    for meter in meters:
+        sim += ["--meter", meter]
+    cmd = [*sim, "--", sys.executable, str(ROOT / "kamstrup_textfile.py"), "--once", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
+
+
+def parse_exposition(text: str) -> list[tuple[str, str, float]]:
+    """[(name, '{labels}' or '', value)] of a text exposition, comments dropped."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = SAMPLE.match(line)
+        assert m, f"not a sample line: {line!r}"
+        samples.append((m.group(1), m.group(2) or "", float(m.group(3))))
+    return samples
