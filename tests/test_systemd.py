@@ -10,12 +10,13 @@ import subprocess
 from pathlib import Path
 
 try:
-    from tools import ROOT, require_tool
+    from tools import ROOT, parse_exposition, require_tool, run_simulated_read
 except ImportError:  # tests/ imported as a package
-    from tests.tools import ROOT, require_tool
+    from tests.tools import ROOT, parse_exposition, require_tool, run_simulated_read
 
 SERVICE = ROOT / "kamstrup.service"
 TIMER = ROOT / "kamstrup.timer"
+DEFAULT = ROOT / "kamstrup.default"
 EXEC = "/usr/local/bin/kamstrup-textfile"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 MAX_EXPOSURE = 2.0
@@ -103,7 +104,9 @@ def stage_units(tmp_path: Path, service_text: str | None = None) -> Path:
     dummy.write_text("#!/bin/sh\nexit 0\n")
     dummy.chmod(0o755)
     assert f"ExecStart={EXEC} " in text
-    (tmp_path / "kamstrup.service").write_text(text.replace(f"ExecStart={EXEC} ", f"ExecStart={dummy} "))
+    (tmp_path / "kamstrup.service").write_text(
+        text.replace(f"ExecStart={EXEC} ", f"ExecStart={dummy} ")
+    )
     shutil.copy(TIMER, tmp_path / "kamstrup.timer")
     return tmp_path
 
@@ -144,7 +147,9 @@ def calendar_interval(spec: str) -> set[float]:
         env={**os.environ, "TZ": "UTC", "SYSTEMD_COLORS": "0"},
     )
     assert proc.returncode == 0, proc.stderr
-    stamps = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", proc.stdout)
+    stamps = re.findall(
+        r"(?:Next elapse|Iter\. #\d+): \w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) UTC", proc.stdout
+    )
     assert len(stamps) == 6, proc.stdout
     times = [dt.datetime.strptime(s, "%Y-%m-%d %H:%M:%S") for s in stamps]
     return {(b - a).total_seconds() for a, b in zip(times, times[1:])}
@@ -214,7 +219,9 @@ def test_gateway_dropin_keeps_exposure_low(tmp_path):
     assert score <= MAX_EXPOSURE + 0.5, out
     unit = parse_unit(SERVICE.read_text() + "\n" + blocks[0])
     assert effective(unit, "Service", "IPAddressDeny") == ["any"]
-    assert effective(unit, "Service", "IPAddressAllow"), "the gateway drop-in must allow one address"
+    assert effective(unit, "Service", "IPAddressAllow"), (
+        "the gateway drop-in must allow one address"
+    )
 
 
 # --------------------------------------------------------------------------
@@ -299,3 +306,53 @@ def test_timer_comment_shows_a_every_minute_dropin():
     specs = effective(unit, "Timer", "OnCalendar")
     assert len(specs) == 1, specs
     assert calendar_interval(specs[0]) == {60.0}
+
+
+# --------------------------------------------------------------------------
+# /etc/default/kamstrup
+
+VARIABLES = ["PORT", "BAUDRATE", "ADDRESS", "TIMEOUT", "RETRIES", "OUTPUT", "LABEL", "FORMAT"]
+
+
+def environment_file(text: str) -> dict[str, str]:
+    """NAME=VALUE lines as systemd's EnvironmentFile= reads them (quotes removed)."""
+    env = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        m = re.fullmatch(r'([A-Za-z_][A-Za-z0-9_]*)=(?:"([^"]*)"|(\S*))', line)
+        assert m, f"not an EnvironmentFile line: {line!r}"
+        env[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
+    return env
+
+
+def test_default_file_sets_nothing_but_shows_every_variable():
+    text = DEFAULT.read_text()
+    assert environment_file(text) == {}
+    for name in VARIABLES:
+        lines = [line for line in text.splitlines() if line.startswith(f"#KAMSTRUP_{name}=")]
+        assert len(lines) == 1, name
+        # and a comment above it explains it
+        before = text.split(lines[0])[0].rstrip().splitlines()[-1]
+        assert before.startswith("# ") and len(before) > 10, name
+
+
+def test_default_file_uncommented_drives_the_tool(tmp_path):
+    """Uncomment every example and run the real tool with it on a simulated bus."""
+    uncommented = re.sub(r"^#(KAMSTRUP_\w+=)", r"\1", DEFAULT.read_text(), flags=re.M)
+    env = environment_file(uncommented)
+    assert sorted(env) == sorted(f"KAMSTRUP_{n}" for n in VARIABLES)
+    out = tmp_path / "kamstrup.prom"
+    env["KAMSTRUP_OUTPUT"] = str(out)
+    del env["KAMSTRUP_PORT"]  # the simulator sets it to its pty
+    addresses = env["KAMSTRUP_ADDRESS"].split()
+    meters = [f"303:{a}:{71234560 + i}" for i, a in enumerate(addresses)]
+    proc = run_simulated_read(meters=meters, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    samples = parse_exposition(out.read_text())
+    up = {lb for n, lb, v in samples if n == "kamstrup_up" and v == 1}
+    labels = "".join(
+        f',{kv.split("=")[0]}="{kv.split("=")[1]}"' for kv in env["KAMSTRUP_LABEL"].split()
+    )
+    assert up == {f'{{address="{a}"{labels}}}' for a in addresses}

@@ -25,16 +25,41 @@ except ImportError:  # tests/ imported as a package
 RULES = ROOT / "10-usbports.rules"
 SERVICE = ROOT / "kamstrup.service"
 
-MATCH_ONLY = {"ACTION", "DEVPATH", "KERNEL", "KERNELS", "SUBSYSTEM", "SUBSYSTEMS", "DRIVER", "DRIVERS",
-              "TAGS", "TEST", "PROGRAM", "RESULT"}
+MATCH_ONLY = {
+    "ACTION",
+    "DEVPATH",
+    "KERNEL",
+    "KERNELS",
+    "SUBSYSTEM",
+    "SUBSYSTEMS",
+    "DRIVER",
+    "DRIVERS",
+    "TAGS",
+    "TEST",
+    "PROGRAM",
+    "RESULT",
+}
 MATCH_ONLY_BRACED = {"ATTRS", "SYSCTL", "CONST"}
-ASSIGN_ONLY = {"OWNER", "GROUP", "MODE", "LABEL", "GOTO", "RUN", "IMPORT", "OPTIONS", "SECLABEL", "WAIT_FOR"}
+ASSIGN_ONLY = {
+    "OWNER",
+    "GROUP",
+    "MODE",
+    "LABEL",
+    "GOTO",
+    "RUN",
+    "IMPORT",
+    "OPTIONS",
+    "SECLABEL",
+    "WAIT_FOR",
+}
 EITHER = {"NAME", "SYMLINK", "TAG"}
 EITHER_BRACED = {"ATTR", "ENV"}
 MATCH_OPS = {"==", "!="}
 ASSIGN_OPS = {"=", "+=", "-=", ":="}
 
-PAIR = re.compile(r'\s*([A-Z_]+)(?:\{([^}]*)\})?\s*(==|!=|\+=|-=|:=|=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)')
+PAIR = re.compile(
+    r'\s*([A-Z_]+)(?:\{([^}]*)\})?\s*(==|!=|\+=|-=|:=|=)\s*"((?:[^"\\]|\\.)*)"\s*(,|$)'
+)
 
 
 def parse_rule_line(line: str) -> list[tuple[str, str | None, str, str]]:
@@ -91,9 +116,13 @@ def symlinks_for(rules, chain: list[dict]) -> list[str]:
                 continue
             hit = fnmatch.fnmatchcase(device.get(key, ""), value)
             ok &= hit if op == "==" else not hit
-        parent_keys = [(k, a, op, v) for k, a, op, v in rule if k in ("ATTRS", "KERNELS", "SUBSYSTEMS", "DRIVERS")]
+        parent_keys = [
+            (k, a, op, v)
+            for k, a, op, v in rule
+            if k in ("ATTRS", "KERNELS", "SUBSYSTEMS", "DRIVERS")
+        ]
 
-        def on(dev):
+        def on(dev, parent_keys=parent_keys):
             for key, attr, op, value in parent_keys:
                 actual = dev["attrs"].get(attr) if key == "ATTRS" else dev.get(key[:-1])
                 hit = actual is not None and fnmatch.fnmatchcase(actual, value)
@@ -114,12 +143,35 @@ def usb_serial_chain(vendor: str, product: str, serial: str) -> list[dict]:
     """Device chain of a USB serial adapter as `udevadm info -a -n /dev/ttyUSB0` shows it."""
     return [
         {"SUBSYSTEM": "tty", "KERNEL": "ttyUSB0", "attrs": {}},
-        {"SUBSYSTEM": "usb-serial", "KERNEL": "ttyUSB0", "DRIVER": "ftdi_sio", "attrs": {"port_number": "0"}},
-        {"SUBSYSTEM": "usb", "KERNEL": "1-1.3:1.0", "DRIVER": "ftdi_sio", "attrs": {"bInterfaceNumber": "00"}},
-        {"SUBSYSTEM": "usb", "KERNEL": "1-1.3", "DRIVER": "usb",
-         "attrs": {"idVendor": vendor, "idProduct": product, "serial": serial, "product": "FT232R USB UART"}},
-        {"SUBSYSTEM": "usb", "KERNEL": "1-1", "DRIVER": "usb",
-         "attrs": {"idVendor": "0424", "idProduct": "9514", "product": "USB 2.0 Hub"}},
+        {
+            "SUBSYSTEM": "usb-serial",
+            "KERNEL": "ttyUSB0",
+            "DRIVER": "ftdi_sio",
+            "attrs": {"port_number": "0"},
+        },
+        {
+            "SUBSYSTEM": "usb",
+            "KERNEL": "1-1.3:1.0",
+            "DRIVER": "ftdi_sio",
+            "attrs": {"bInterfaceNumber": "00"},
+        },
+        {
+            "SUBSYSTEM": "usb",
+            "KERNEL": "1-1.3",
+            "DRIVER": "usb",
+            "attrs": {
+                "idVendor": vendor,
+                "idProduct": product,
+                "serial": serial,
+                "product": "FT232R USB UART",
+            },
+        },
+        {
+            "SUBSYSTEM": "usb",
+            "KERNEL": "1-1",
+            "DRIVER": "usb",
+            "attrs": {"idVendor": "0424", "idProduct": "9514", "product": "USB 2.0 Hub"},
+        },
     ]
 
 
@@ -144,10 +196,14 @@ def udev_messages(tmp_path: Path, text: str) -> tuple[list[str], str]:
         "set -e; mount --make-rprivate /; mount -t tmpfs none /run; mount -t tmpfs none /dev; "
         f"mount --bind '{rules_dir}' /etc/udev/rules.d; exec udevadm test /sys/class/tty/{ttys[0]}"
     )
-    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True
+    )
     out = proc.stdout + proc.stderr
     assert "Reading rules file: /etc/udev/rules.d/10-usbports.rules" in out, out[-3000:]
-    ours = [line for line in out.splitlines() if line.startswith("/etc/udev/rules.d/10-usbports.rules:")]
+    ours = [
+        line for line in out.splitlines() if line.startswith("/etc/udev/rules.d/10-usbports.rules:")
+    ]
     return ours, out
 
 
@@ -175,7 +231,8 @@ def test_every_rule_line_is_well_formed():
 @pytest.mark.parametrize(
     "line",
     [
-        'SUBSYSTEM=="tty", ATTRS{idVendor}="0403", SYMLINK+="ttymeterBus"',  # assignment to a match key
+        # an assignment to a match-only key
+        'SUBSYSTEM=="tty", ATTRS{idVendor}="0403", SYMLINK+="ttymeterBus"',
         'SUBSYSTEM=="tty" ATTRS{idVendor}=="0403"',  # missing comma
         'SUBSYSTEM=="tty", ATTRS{idVendor}==0403',  # value without quotes
         'SUBSYTEM=="tty", SYMLINK+="ttymeterBus"',  # misspelt key
