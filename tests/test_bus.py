@@ -1,0 +1,352 @@
+"""The bus layer against the in-process simulated MULTICAL bus (FakePort, no pacing).
+
+Time is a fake clock that moves only when the port has nothing to read, so
+deadlines are measured in requests and slices, never with a wall clock.
+"""
+
+from __future__ import annotations
+
+import serial
+
+import kamstrup_sim as sim
+import kamstrup_textfile as kt
+
+SND_NKE_FE = bytes.fromhex("10 40 FE 3E 16")
+REQ_UD2_FE_FCB1 = bytes.fromhex("10 7B FE 79 16")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ClockedPort:
+    """A FakePort whose empty reads cost one read slice of fake time, not real time."""
+
+    def __init__(self, bus: sim.SimulatedBus, clock: FakeClock):
+        self.inner = sim.FakePort(bus, timeout=0)
+        self.clock = clock
+        self.empty_reads = 0
+
+    @property
+    def written(self) -> bytes:
+        return bytes(self.inner.written)
+
+    def write(self, data: bytes) -> int:
+        return self.inner.write(data)
+
+    def read(self, n: int = 1) -> bytes:
+        data = self.inner.read(n)
+        if not data:
+            self.empty_reads += 1
+            self.clock.now += kt.READ_SLICE
+        return data
+
+    def reset_input_buffer(self) -> None:
+        self.inner.reset_input_buffer()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def make_bus(meters, *, echo=False, timeout=0.5, retries=2):
+    clock = FakeClock()
+    port = ClockedPort(sim.SimulatedBus(meters, echo=echo), clock)
+    bus = kt.Bus(port, baudrate=2400, timeout=timeout, retries=retries, pause=0)
+    bus.clock = clock
+    return bus, port, clock
+
+
+def short_frames(written: bytes) -> list:
+    """The master's bytes cut into frames (short 10 .. 16 and long 68 L L 68 .. 16)."""
+    out, pos = [], 0
+    while pos < len(written):
+        if written[pos] == 0x10:
+            out.append(written[pos : pos + 5])
+            pos += 5
+        else:
+            length = written[pos + 1] + 6
+            out.append(written[pos : pos + length])
+            pos += length
+    return out
+
+
+def expected_records(kind="303"):
+    frame = bytes.fromhex(sim.FRAMES[kind])
+    return kt.decode_telegram(frame).records
+
+
+# --- requests on the wire -----------------------------------------------------
+
+
+def test_snd_nke_then_req_ud2_with_fcb_set():
+    bus, port, _ = make_bus([sim.Meter(address=48)])
+    telegram = bus.read(kt.ADDRESS_ANY)
+    assert port.written == SND_NKE_FE + REQ_UD2_FE_FCB1
+    assert telegram.address == 48
+    assert telegram.id == "30303030"
+
+
+def test_primary_address_frames_and_checksums():
+    bus, port, _ = make_bus([sim.Meter(address=48)])
+    bus.read(48)
+    assert short_frames(port.written) == [
+        bytes.fromhex("10 40 30 70 16"),
+        bytes.fromhex("10 7B 30 AB 16"),
+    ]
+
+
+def test_single_answer_records_are_the_meter_records():
+    bus, _, _ = make_bus([sim.Meter(address=48)])
+    telegram = bus.read(48)
+    assert telegram.records == expected_records()
+    assert telegram.records[0].value == 554400000.0
+    assert not telegram.more_records_follow
+
+
+# --- multi-telegram answers -----------------------------------------------------
+
+
+def test_multi_telegram_toggles_fcb_and_merges_records():
+    meter = sim.Meter(address=48, multi=True)
+    bus, port, _ = make_bus([meter])
+    telegram = bus.read(48)
+    frames = short_frames(port.written)
+    assert frames == [
+        bytes.fromhex("10 40 30 70 16"),
+        bytes.fromhex("10 7B 30 AB 16"),
+        bytes.fromhex("10 5B 30 8B 16"),
+    ]
+    assert [r.dib for r in telegram.records] == [r.dib for r in expected_records()]
+    assert telegram.records == expected_records()
+    assert all(r.dib != b"\x1f" for r in telegram.records)
+    assert not telegram.more_records_follow
+
+
+class EndlessMeter(sim.Meter):
+    """Always says "more records follow" (a broken or malicious slave)."""
+
+    def telegrams(self):
+        return [sim.split_more_records(super().telegrams()[0])[0]]
+
+
+def test_at_most_sixteen_telegrams_alternating_fcb():
+    meter = EndlessMeter(address=48)
+    bus, port, _ = make_bus([meter])
+    telegram = bus.read(48)
+    requests = [f for f in short_frames(port.written) if f[1] & 0xCF == 0x4B]
+    assert len(requests) == kt.MAX_TELEGRAMS == 16
+    assert [f[1] for f in requests] == [0x7B, 0x5B] * 8
+    # 16 halves of 7 records each, the 0x1F markers dropped except the last
+    assert len([r for r in telegram.records if r.dib != b"\x1f"]) == 16 * 7
+
+
+# --- retries and corrupt answers ---------------------------------------------------
+
+
+def test_retry_after_silence_succeeds():
+    meter = sim.Meter(address=48, fail_first=1)
+    bus, port, clock = make_bus([meter], timeout=0.5, retries=2)
+    telegram = bus.read(48)
+    assert telegram.id == "30303030"
+    assert short_frames(port.written)[:2] == [bytes.fromhex("10 40 30 70 16")] * 2
+    assert 0.5 <= clock.now <= 0.5 + kt.READ_SLICE + 1e-9  # one timeout lost, no more
+
+
+def test_silent_meter_fails_with_no_answer():
+    meter = sim.Meter(address=48, silent=True)
+    bus, port, _ = make_bus([meter], retries=2)
+    try:
+        bus.read(48)
+    except kt.BusError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("a silent meter was read")
+    assert "no answer" in message
+    assert len(meter.requests) == 3  # 1 + retries SND_NKE, no REQ_UD2
+    assert all(f == bytes.fromhex("10 40 30 70 16") for f in short_frames(port.written))
+
+
+def _bus_error(meter, **kwargs) -> str:
+    bus, _, _ = make_bus([meter], **kwargs)
+    try:
+        bus.read(meter.address)
+    except kt.BusError as exc:
+        return str(exc)
+    raise AssertionError("read succeeded")
+
+
+def test_bad_checksum_fails_after_retries():
+    meter = sim.Meter(address=48, bad_checksum=True)
+    message = _bus_error(meter, retries=2)
+    assert "checksum" in message
+    req = [f for f in meter.requests if f[1] & 0xCF == 0x4B]
+    assert len(req) == 3
+
+
+def test_truncated_answer_is_cut_off():
+    meter = sim.Meter(address=48, truncate=100)
+    message = _bus_error(meter, retries=1)
+    assert "cut off" in message
+    assert "100 of 142" in message
+
+
+def test_noise_before_the_frame_is_skipped():
+    meter = sim.Meter(address=48, noise=b"\x00\xfd\xfe")
+    bus, _, _ = make_bus([meter], retries=0)
+    assert bus.read(48).records == expected_records()
+
+
+def test_echoing_adapter_works():
+    bus, port, _ = make_bus([sim.Meter(address=48)], echo=True, retries=0)
+    telegram = bus.read(48)
+    assert telegram.records == expected_records()
+    assert short_frames(port.written) == [
+        bytes.fromhex("10 40 30 70 16"),
+        bytes.fromhex("10 7B 30 AB 16"),
+    ]
+
+
+def test_echoing_adapter_with_multi_telegram():
+    bus, _, _ = make_bus([sim.Meter(address=48, multi=True)], echo=True, retries=0)
+    assert bus.read(48).records == expected_records()
+
+
+class WrongAddressMeter(sim.Meter):
+    """Answers requests for its address with a frame that names another address."""
+
+    def telegrams(self):
+        frame = bytes.fromhex(sim.FRAMES[self.kind])
+        return [sim.rewrite(frame, 99, self.ident)]
+
+
+def test_answer_from_another_address_is_refused():
+    meter = WrongAddressMeter(address=48)
+    message = _bus_error(meter, retries=0)
+    assert "99" in message and "48" in message
+
+
+def test_address_254_reads_a_meter_at_133():
+    meter = sim.Meter(address=133, ident="82937133", kind="303-heat")
+    bus, port, _ = make_bus([meter], retries=0)
+    telegram = bus.read(254)
+    assert telegram.address == 133
+    assert telegram.id == "82937133"
+    assert port.written == SND_NKE_FE + REQ_UD2_FE_FCB1
+
+
+# --- secondary addressing -------------------------------------------------------------
+
+
+def test_select_frame_bytes():
+    frame = kt.select_secondary("82937133")
+    body = bytes.fromhex("53 FD 52 33 71 93 82 FF FF FF FF")
+    assert frame == bytes.fromhex("68 0B 0B 68") + body + bytes((sum(body) & 0xFF, 0x16))
+
+
+def test_secondary_address_selected_with_snd_ud_to_253():
+    # The meter is still selected from an earlier run, so it acknowledges the
+    # SND_NKE to 253 (see test_found_bugs.py for a bus where nobody is selected).
+    meter = sim.Meter(address=48, ident="30303030", selected=True)
+    other = sim.Meter(address=49, ident="11111111")
+    bus, port, _ = make_bus([meter, other], retries=0)
+    telegram = bus.read("30303030")
+    assert telegram.id == "30303030"
+    frames = short_frames(port.written)
+    select = frames[1]
+    body = bytes.fromhex("53 FD 52 30 30 30 30 FF FF FF FF")
+    assert frames[0] == bytes.fromhex("10 40 FD 3D 16")
+    assert select == bytes.fromhex("68 0B 0B 68") + body + bytes((sum(body) & 0xFF, 0x16))
+    assert frames[2] == bytes.fromhex("10 7B FD 78 16")
+    assert not any(f[1] & 0xCF == 0x4B for f in other.requests)
+
+
+def test_secondary_address_of_another_meter_gets_no_answer():
+    meter = sim.Meter(address=48, ident="11111111", selected=True)
+    message = _bus_error_secondary(meter, "30303030")
+    assert "no answer" in message
+    assert "30303030" in message
+    assert not any(f[1] & 0xCF == 0x4B for f in meter.requests)
+
+
+def _bus_error_secondary(meter, secondary) -> str:
+    bus, _, _ = make_bus([meter], retries=0)
+    try:
+        bus.read(secondary)
+    except kt.BusError as exc:
+        return str(exc)
+    raise AssertionError("read succeeded")
+
+
+# --- several meters ---------------------------------------------------------------------
+
+
+def test_several_meters_one_missing_costs_only_its_deadlines():
+    meters = [
+        sim.Meter(address=48),
+        sim.Meter(address=133, ident="82937133", kind="303-heat"),
+        sim.Meter(address=74, ident="77447744", kind="403"),
+    ]
+    timeout, retries = 0.5, 2
+    bus, port, clock = make_bus(meters, timeout=timeout, retries=retries)
+    spent = {}
+    read = {}
+    for address in (48, 5, 133, 74):
+        start = clock.now
+        try:
+            read[address] = bus.read(address).id
+        except kt.BusError as exc:
+            read[address] = str(exc)
+        spent[address] = clock.now - start
+    assert read[48] == "30303030"
+    assert read[133] == "82937133"
+    assert read[74] == "77447744"
+    assert "no answer" in read[5]
+    assert spent[48] == spent[133] == spent[74] == 0.0
+    slack = (1 + retries) * kt.READ_SLICE + 1e-9
+    assert (1 + retries) * timeout <= spent[5] <= (1 + retries) * timeout + slack
+    to_5 = [f for f in short_frames(port.written) if f[2] == 5]
+    assert to_5 == [bytes.fromhex("10 40 05 45 16")] * (1 + retries)
+
+
+def test_read_meters_reports_each_address():
+    meters = [sim.Meter(address=48), sim.Meter(address=133, ident="82937133", kind="303-heat")]
+    port = sim.FakePort(sim.SimulatedBus(meters), timeout=0.001)
+    readings = kt.read_meters(port, [48, 5, 133], baudrate=2400, timeout=0.05, retries=0, log=None)
+    assert [r.address for r in readings] == [48, 5, 133]
+    assert [r.telegram is not None for r in readings] == [True, False, True]
+    assert "no answer" in readings[1].error
+    assert readings[2].telegram.id == "82937133"
+
+
+# --- the line going away -----------------------------------------------------------------
+
+
+def test_disconnect_mid_frame_is_a_bus_error():
+    meter = sim.Meter(address=48, disconnect_at=30)
+    bus, _, _ = make_bus([meter], retries=0)
+    try:
+        bus.read(48)
+    except kt.BusError as exc:
+        message = str(exc)
+    except serial.SerialException as exc:  # pragma: no cover - the bug this guards against
+        raise AssertionError(f"SerialException escaped the bus layer: {exc}") from None
+    else:
+        raise AssertionError("read succeeded")
+    assert "port failed" in message
+    assert "\n" not in message
+
+
+def test_verbose_log_shows_frames():
+    lines = []
+    meter = sim.Meter(address=48)
+    port = sim.FakePort(sim.SimulatedBus([meter]), timeout=0)
+    bus = kt.Bus(port, timeout=0.5, retries=0, pause=0, log=lines.append)
+    bus.read(48)
+    assert lines[0] == "> 10 40 30 70 16"
+    assert lines[1] == "< E5"
+    assert lines[2] == "> 10 7B 30 AB 16"
+    assert lines[3].startswith("< 68 88 88 68 08 30 72")
