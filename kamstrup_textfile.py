@@ -201,22 +201,42 @@ APPLICATION_ERRORS = {
 FUNCTIONS = ("instantaneous", "maximum", "minimum", "error")
 
 
-@dataclass
 class Record:
     """One data record, its value already in SI base units."""
 
-    storage: int
-    tariff: int
-    subunit: int
-    function: str
-    quantity: str
-    unit: str
-    value: Any
-    dib: bytes = b""  # DIF and DIFEs as sent
-    vib: bytes = b""  # VIF and VIFEs as sent
-    modifiers: tuple = ()  # combinable VIFEs, by name
-    manufacturer_vife: bytes = b""  # the bytes after a manufacturer-specific VIF(E)
-    text_unit: str = ""  # the unit of a plain-text VIF (0x7C/0xFC)
+    __slots__ = (
+        "storage", "tariff", "subunit", "function", "quantity", "unit", "value",
+        "dib", "vib", "modifiers", "manufacturer_vife", "text_unit",
+    )  # fmt: skip
+
+    def __init__(
+        self, storage, tariff, subunit, function, quantity, unit, value,
+        dib=b"", vib=b"", modifiers=(), manufacturer_vife=b"", text_unit="",
+    ):  # fmt: skip
+        self.storage = storage
+        self.tariff = tariff
+        self.subunit = subunit
+        self.function = function
+        self.quantity = quantity
+        self.unit = unit
+        self.value = value
+        self.dib = dib  # DIF and DIFEs as sent
+        self.vib = vib  # VIF and VIFEs as sent
+        self.modifiers = modifiers  # combinable VIFEs, by name
+        self.manufacturer_vife = manufacturer_vife  # after a manufacturer-specific VIF(E)
+        self.text_unit = text_unit  # the unit of a plain-text VIF (0x7C/0xFC)
+
+    def _key(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        return isinstance(other, Record) and self._key() == other._key()
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Record({fields})"
 
     @property
     def current(self) -> bool:
@@ -628,14 +648,39 @@ class _Vib:
     manufacturer_vife: bytes = b""
     text_unit: str = ""
     offset: Any = None
-    raw_len: int = 0
+    fahrenheit: bool = False
+
+
+_VIB_CACHE: dict = {}  # VIF+VIFE bytes -> _Vib (never mutated once made)
 
 
 def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
-    """The VIF and its VIFEs at ``pos``; returns (_Vib, new position)."""
-    start = pos
+    """The VIF and its VIFEs at ``pos``; returns (_Vib, new position).
+
+    A meter sends the same few VIBs in every answer: each is parsed once.
+    """
     if pos >= end:
         raise FrameError(f"record ends before its VIF at byte {pos}")
+    if payload[pos] & 0x7F == 0x7C:  # plain text: the unit is part of the VIB, not cached
+        return _parse_vib(payload, pos, end)
+    stop = pos + 1
+    while payload[stop - 1] & 0x80:
+        if stop >= end:
+            raise FrameError(f"record ends inside its VIFEs at byte {stop}")
+        stop += 1
+        if stop - pos - 1 > MAX_VIFES:
+            raise FrameError(f"more than {MAX_VIFES} VIFEs at byte {pos}")
+    key = payload[pos:stop]
+    vib = _VIB_CACHE.get(key)
+    if vib is None:
+        vib = _parse_vib(key, 0, len(key))[0]
+        if len(_VIB_CACHE) < 4096:
+            _VIB_CACHE[key] = vib
+    return vib, stop
+
+
+def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
+    start = pos
     vif = payload[pos]
     pos += 1
     code = vif & 0x7F
@@ -676,10 +721,13 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     else:
         spec = PRIMARY_VIFS[code]
     quantity, unit, kind, num, den = spec
-    vib = _Vib(quantity, unit, kind, num, den, text_unit=text_unit, raw_len=pos - start)
+    vib = _Vib(quantity, unit, kind, num, den, text_unit=text_unit)
     vib.manufacturer_vife = manufacturer
     if rest:
         _apply_vifes(vib, rest)
+    if vib.unit == "degF":  # converted to degC as the value is read
+        vib.unit = "degC"
+        vib.fahrenheit = True
     return vib, pos
 
 
@@ -719,9 +767,21 @@ def _apply_vifes(vib: _Vib, vifes: Sequence[int]) -> None:
     vib.modifiers = tuple(modifiers)
 
 
-def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib) -> tuple:
+_INTEGER_CODINGS = frozenset((1, 2, 3, 4, 6, 7))
+
+
+def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str) -> tuple:
     """The data field at ``pos`` by the DIF's coding; returns (value, new position)."""
     length = _DATA_LENGTHS[coding]
+    if coding in _INTEGER_CODINGS and kind == "number" and vib.offset is None:
+        stop = pos + length  # the common case, kept short: a scaled signed integer
+        if stop > end:
+            raise FrameError(f"record data of {length} bytes runs past the frame at byte {pos}")
+        raw = int.from_bytes(payload[pos:stop], "little", signed=True)
+        if vib.quantity in _RAW_QUANTITIES:
+            return raw, stop
+        value = float(raw * vib.num) if vib.den == 1 else (raw * vib.num) / vib.den
+        return (_fahrenheit_to_celsius(value) if vib.fahrenheit else value), stop
     if coding == 0x0D:  # variable length: LVAR byte first
         if pos >= end:
             raise FrameError(f"variable-length record without LVAR at byte {pos}")
@@ -761,7 +821,6 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib) -> tu
     pos += length
     if length == 0:
         return None, pos
-    kind = vib.kind
     if kind == "date" and length == 2:
         return _decode_date_g(data), pos
     if kind == "datetime" and length in (3, 4, 6):
@@ -775,21 +834,21 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib) -> tu
         return _number(value, vib), pos
     if kind in ("bits", "id"):
         return int.from_bytes(data, "little"), pos
-    if vib.quantity in ("manufacturer_specific", "unknown"):  # raw, unscaled
+    if vib.quantity in _RAW_QUANTITIES:
         return int.from_bytes(data, "little", signed=True), pos
     return _number(int.from_bytes(data, "little", signed=True), vib), pos
+
+
+_RAW_QUANTITIES = frozenset(("manufacturer_specific", "unknown"))  # no unit: kept unscaled
 
 
 def _number(raw, vib: _Vib):
     if raw is None:
         return None
-    if vib.kind == "id":
+    if vib.kind == "id" or vib.quantity in _RAW_QUANTITIES:
         return raw if isinstance(raw, int) else float(raw)
     value = _scale(raw, vib.num, vib.den, vib.offset)
-    if vib.unit == "degF":
-        vib.unit = "degC"
-        return _fahrenheit_to_celsius(value)
-    return value
+    return _fahrenheit_to_celsius(value) if vib.fahrenheit else value
 
 
 # Manufacturer-specific registers (VIF 0x7F/0xFF + VIFEs) that are unsigned bit
@@ -849,10 +908,11 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
         dib = payload[dib_start:pos]
         vib_start = pos
         vib, pos = _read_vib(payload, pos, end)
-        if vib.quantity == "manufacturer_specific" and vib.manufacturer_vife in bit_fields:
-            vib.kind = "bits"
-        vib_bytes = payload[vib_start : vib_start + vib.raw_len]
-        value, pos = _read_data(payload, pos, end, dif & 0x0F, vib)
+        kind = vib.kind
+        if vib.manufacturer_vife in bit_fields and vib.quantity == "manufacturer_specific":
+            kind = "bits"
+        vib_bytes = payload[vib_start:pos]
+        value, pos = _read_data(payload, pos, end, dif & 0x0F, vib, kind)
         records.append(
             Record(
                 storage,

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Benchmarks of kamstrup_textfile, side by side in one run; a Markdown table on stdout.
+
+    python3 bench/run.py [--runs 5] [--quick]
+
+1. One read of the simulated MULTICAL 303 (142-byte answer) over a pseudo-terminal
+   paced at 2400 baud 8E1 (11 bits a byte), answering after 50 ms: whole-process wall
+   time of `kamstrup_textfile.py --once` against the wire floor, a minimal pyserial
+   script (bench/minimal_read.py) and pyMeterBus 0.8.5 (bench/pymeterbus_read.py).
+2. CPU (user+sys) and peak RSS of one `--once` run against
+   `python3 -c "import click, serial"`.
+3. Decoding throughput (decode + JSON) for the 303 answer and the libmbus corpus,
+   ours against pyMeterBus 0.8.5 (`meterbus.load` + `to_JSON`).
+4. 1, 10 and 50 simulated meters on one bus, one of them silent.
+
+pyMeterBus is installed from PyPI into bench/.venv-pymeterbus, never into the
+tool's own environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TOP = HERE.parent
+sys.path.insert(0, str(TOP))
+
+import kamstrup_sim as sim  # noqa: E402
+import kamstrup_textfile as kt  # noqa: E402
+
+BAUD = 2400
+DELAY = 0.05
+VENV = HERE / ".venv-pymeterbus"
+CORPUS = TOP.parent / "shared" / "corpus" / "libmbus" / "test-frames"
+
+
+def pymeterbus_python() -> str | None:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "pyMeterBus==0.8.5", "pyserial"],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            print(f"pyMeterBus could not be installed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+            return None
+    return str(python)
+
+
+def run_measured(cmd, env=None) -> tuple:
+    """(wall seconds, user+sys seconds, peak RSS MiB, exit status) of one process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode
+
+
+def on_meters(meters, cmd_for_port, runs: int) -> list:
+    """Run a command ``runs`` times, each against a fresh pty with these meters."""
+    results = []
+    for _ in range(runs):
+        line = sim.PtyLine(sim.SimulatedBus([sim.Meter(**m) for m in meters]), BAUD)
+        try:
+            results.append(run_measured(cmd_for_port(line.path)))
+        finally:
+            line.close()
+    return results
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def one_read(runs: int, pmb: str | None) -> list:
+    answer = sim.Meter().telegrams()[0]
+    # paced by the simulator: E5 and the answer; both after the 50 ms answer delay
+    floor = kt.wire_seconds(1 + len(answer), BAUD) + 2 * DELAY
+    meter = [{"address": 48, "delay": DELAY}]
+    out = tempfile.mkdtemp()
+    rows = [("wire floor (E5 + 142 bytes at 2400 8E1, 2 x 50 ms)", floor, None, None)]
+    cases = [
+        (
+            "kamstrup_textfile.py --once (script)",
+            lambda p: [sys.executable, str(TOP / "kamstrup_textfile.py"), "--once", "--port", p,
+                       "--output", f"{out}/k.prom"],  # fmt: skip
+        ),
+        (
+            "kamstrup-textfile --once (installed module)",
+            lambda p: [sys.executable, "-c", "import kamstrup_textfile as k; k.main()", "--once",
+                       "--port", p, "--output", f"{out}/k.prom"],  # fmt: skip
+        ),
+        ("minimal pyserial script", lambda p: [sys.executable, str(HERE / "minimal_read.py"), p, "254"]),
+    ]
+    if pmb:
+        cases.append(("pyMeterBus 0.8.5", lambda p: [pmb, str(HERE / "pymeterbus_read.py"), p, "254"]))
+    for name, cmd in cases:
+        results = on_meters(meter, cmd, runs)
+        failed = [r for r in results if r[3] != 0]
+        if failed:
+            raise SystemExit(f"{name}: exit status {failed[0][3]}")
+        rows.append((name, median(r[0] for r in results), median(r[1] for r in results),
+                     median(r[2] for r in results)))  # fmt: skip
+    return rows
+
+
+def import_baseline(runs: int) -> tuple:
+    results = [run_measured([sys.executable, "-c", "import click, serial"]) for _ in range(runs)]
+    return median(r[1] for r in results), median(r[2] for r in results)
+
+
+def decode_rate(frames, seconds: float) -> float:
+    count = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for frame in frames:
+            json.dumps(kt.decode_telegram(frame).to_json())
+        count += len(frames)
+    return count / (time.perf_counter() - start)
+
+
+def throughput(seconds: float, pmb: str | None) -> list:
+    answer_path = Path(tempfile.mkdtemp()) / "multical303.hex"
+    answer = sim.Meter().telegrams()[0]
+    answer_path.write_text(answer.hex(" "))
+    corpus = sorted(CORPUS.glob("*.hex"))
+    rows = []
+    for name, paths in (("MULTICAL 303 answer", [answer_path]), ("libmbus corpus", corpus)):
+        frames = [bytes.fromhex("".join(c for c in p.read_text("latin-1") if c in
+                                        "0123456789abcdefABCDEF")) for p in paths]  # fmt: skip
+        ours = decode_rate(frames, seconds)
+        theirs = usable = None
+        if pmb:
+            done = subprocess.run(
+                [pmb, str(HERE / "pymeterbus_read.py"), "--decode", str(seconds)]
+                + [str(p) for p in paths],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rate, usable, total = done.stdout.split()
+            theirs = float(rate)
+            usable = f"{usable}/{total}"
+        rows.append((name, len(frames), ours, theirs, usable))
+    return rows
+
+
+def many_meters(counts, runs: int) -> list:
+    rows = []
+    answer = sim.Meter().telegrams()[0]
+    per_meter = kt.wire_seconds(1 + len(answer), BAUD) + 2 * DELAY
+    timeout, retries = 1.0, 2
+    for n in counts:
+        meters = [{"address": a, "ident": f"{a:08d}", "delay": DELAY} for a in range(1, n + 1)]
+        meters[-1]["silent"] = True
+        addresses = [str(m["address"]) for m in meters]
+        out = tempfile.mkdtemp()
+
+        def cmd(port, addresses=addresses, out=out):
+            return [sys.executable, "-c", "import kamstrup_textfile as k; k.main()", "--once",
+                    "--port", port, "--output", f"{out}/k.prom",
+                    "--timeout", str(timeout), "--retries", str(retries),
+                    *[x for a in addresses for x in ("--address", a)]]  # fmt: skip
+
+        results = on_meters(meters, cmd, runs)
+        wall = median(r[0] for r in results)
+        silent_budget = (1 + retries) * timeout + retries * 0.1  # SND_NKE deadlines + pauses
+        floor = (n - 1) * per_meter + silent_budget
+        rows.append((n, wall, (n - 1) * per_meter, silent_budget, floor))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per throughput figure")
+    parser.add_argument("--quick", action="store_true", help="1 run each, 1 and 10 meters")
+    args = parser.parse_args()
+    runs = 1 if args.quick else args.runs
+    pmb = pymeterbus_python()
+
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, {platform.platform()}\n")  # fmt: skip
+    print(f"## 1. One read over a pty at 2400 baud, median of {runs}\n")
+    print("| what | wall s | vs minimal | CPU s | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: |")
+    rows = one_read(runs, pmb)
+    minimal = next(r[1] for r in rows if r[0].startswith("minimal"))
+    for name, wall, cpu, rss in rows:
+        cpu_text = "" if cpu is None else f"{cpu:.3f}"
+        rss_text = "" if rss is None else f"{rss:.1f}"
+        print(f"| {name} | {wall:.3f} | {wall / minimal:.2f}x | {cpu_text} | {rss_text} |")
+
+    print(f"\n## 2. CPU and memory of one run, median of {runs}\n")
+    base_cpu, base_rss = import_baseline(max(runs, 5))
+    ours = next(r for r in rows if r[0].startswith("kamstrup-textfile"))
+    print("| what | user+sys s | peak RSS MiB |\n| --- | ---: | ---: |")
+    print(f'| python3 -c "import click, serial" | {base_cpu:.3f} | {base_rss:.1f} |')
+    print(f"| kamstrup-textfile --once | {ours[2]:.3f} ({ours[2] / base_cpu:.2f}x) | "
+          f"{ours[3]:.1f} ({ours[3] / base_rss:.2f}x) |")  # fmt: skip
+
+    print(f"\n## 3. Decoding throughput (decode + JSON), {args.seconds:g} s each\n")
+    print("| frames | n | ours frames/s | pyMeterBus frames/s | ratio | pyMeterBus decodes |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, n, ours_rate, theirs, usable in throughput(args.seconds, pmb):
+        ratio = f"{ours_rate / theirs:.1f}x" if theirs else "n/a"
+        theirs_text = f"{theirs:,.0f}" if theirs else "n/a"
+        print(f"| {name} | {n} | {ours_rate:,.0f} | {theirs_text} | {ratio} | {usable or 'n/a'} |")
+
+    counts = (1, 10) if args.quick else (1, 10, 50)
+    print("\n## 4. Many meters on one bus, the last one silent (timeout 1 s, 2 retries)\n")
+    print("| meters | wall s | wire time of the others s | silent meter's deadlines s | "
+          "floor s | wall - floor s |\n| ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    for n, wall, wire, silent, floor in many_meters(counts, 1):
+        print(f"| {n} | {wall:.2f} | {wire:.2f} | {silent:.2f} | {floor:.2f} | {wall - floor:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
