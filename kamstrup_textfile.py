@@ -1836,7 +1836,7 @@ def render_json(readings: Sequence[Reading]) -> str:
             meters.append(reading.telegram.to_json())
         else:
             meters.append({"address": reading.address, "error": reading.error})
-    return json.dumps({"meters": meters}, indent=1) + "\n"
+    return json.dumps({"meters": meters}) + "\n"
 
 
 def _emit(text: str, output: str) -> None:

@@ -1,7 +1,7 @@
 """pyMeterBus 0.8.5 reading one meter as its README shows (run in its own venv).
 
-    python pymeterbus_read.py PORT ADDRESS        # one read, JSON on stdout
-    python pymeterbus_read.py --decode SECONDS HEXFILE...  # frames/s of load + to_JSON
+python pymeterbus_read.py PORT ADDRESS        # one read, JSON on stdout
+python pymeterbus_read.py --decode SECONDS HEXFILE...  # frames/s of load + to_JSON
 """
 
 import sys

@@ -53,20 +53,33 @@ def pymeterbus_python() -> str | None:
             text=True,
         )
         if done.returncode != 0:
-            print(f"pyMeterBus could not be installed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+            print(
+                f"pyMeterBus could not be installed: {done.stderr.strip()[-300:]}", file=sys.stderr
+            )
             return None
     return str(python)
 
 
-def run_measured(cmd, env=None) -> tuple:
-    """(wall seconds, user+sys seconds, peak RSS MiB, exit status) of one process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    proc.stderr.close()
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode
+# Byte code is cached as a pip install would (PYTHONDONTWRITEBYTECODE would hide that).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+GNU_TIME = "/usr/bin/time"  # Debian package "time": peak RSS of the command alone
+
+
+def run_measured(cmd) -> tuple:
+    """(wall seconds, user+sys seconds, peak RSS MiB, exit status) of one process.
+
+    CPU comes from wait4; peak RSS from GNU time, because a child forked from this
+    (large) process inherits its resident set until exec, which wait4 would report.
+    """
+    with tempfile.NamedTemporaryFile("r") as rss_file:
+        wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *cmd]
+        start = time.perf_counter()
+        proc = subprocess.Popen(wrapped, env=ENV, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        rss_kib = int(rss_file.read().split()[-1])
+    code = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_utime + usage.ru_stime, rss_kib / 1024, code
 
 
 def on_meters(meters, cmd_for_port, runs: int) -> list:
@@ -95,18 +108,38 @@ def one_read(runs: int, pmb: str | None) -> list:
     cases = [
         (
             "kamstrup_textfile.py --once (script)",
-            lambda p: [sys.executable, str(TOP / "kamstrup_textfile.py"), "--once", "--port", p,
-                       "--output", f"{out}/k.prom"],  # fmt: skip
+            lambda p: [
+                sys.executable,
+                str(TOP / "kamstrup_textfile.py"),
+                "--once",
+                "--port",
+                p,
+                "--output",
+                f"{out}/k.prom",
+            ],  # fmt: skip
         ),
         (
             "kamstrup-textfile --once (installed module)",
-            lambda p: [sys.executable, "-c", "import kamstrup_textfile as k; k.main()", "--once",
-                       "--port", p, "--output", f"{out}/k.prom"],  # fmt: skip
+            lambda p: [
+                sys.executable,
+                "-c",
+                "import kamstrup_textfile as k; k.main()",
+                "--once",
+                "--port",
+                p,
+                "--output",
+                f"{out}/k.prom",
+            ],  # fmt: skip
         ),
-        ("minimal pyserial script", lambda p: [sys.executable, str(HERE / "minimal_read.py"), p, "254"]),
+        (
+            "minimal pyserial script",
+            lambda p: [sys.executable, str(HERE / "minimal_read.py"), p, "254"],
+        ),
     ]
     if pmb:
-        cases.append(("pyMeterBus 0.8.5", lambda p: [pmb, str(HERE / "pymeterbus_read.py"), p, "254"]))
+        cases.append(
+            ("pyMeterBus 0.8.5", lambda p: [pmb, str(HERE / "pymeterbus_read.py"), p, "254"])
+        )
     for name, cmd in cases:
         results = on_meters(meter, cmd, runs)
         failed = [r for r in results if r[3] != 0]
@@ -190,12 +223,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 run each, 1 and 10 meters")
     args = parser.parse_args()
     runs = 1 if args.quick else args.runs
+    if not os.access(GNU_TIME, os.X_OK):
+        raise SystemExit(f"{GNU_TIME} is missing: apt-get install time")
     pmb = pymeterbus_python()
+    subprocess.run([sys.executable, "-c", "import kamstrup_textfile"], cwd=TOP, env=ENV, check=True)
 
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, {platform.platform()}\n")  # fmt: skip
     print(f"## 1. One read over a pty at 2400 baud, median of {runs}\n")
-    print("| what | wall s | vs minimal | CPU s | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: |")
+    print(
+        "| what | wall s | vs minimal | CPU s | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: |"
+    )
     rows = one_read(runs, pmb)
     minimal = next(r[1] for r in rows if r[0].startswith("minimal"))
     for name, wall, cpu, rss in rows:
@@ -224,7 +262,9 @@ def main() -> None:
     print("| meters | wall s | wire time of the others s | silent meter's deadlines s | "
           "floor s | wall - floor s |\n| ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
     for n, wall, wire, silent, floor in many_meters(counts, 1):
-        print(f"| {n} | {wall:.2f} | {wire:.2f} | {silent:.2f} | {floor:.2f} | {wall - floor:.2f} |")
+        print(
+            f"| {n} | {wall:.2f} | {wire:.2f} | {silent:.2f} | {floor:.2f} | {wall - floor:.2f} |"
+        )
 
 
 if __name__ == "__main__":
