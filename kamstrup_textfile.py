@@ -1876,6 +1876,7 @@ def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
 @click.option(
     "--address",
     "addresses",
+    envvar="KAMSTRUP_ADDRESS",
     type=AddressType(),
     multiple=True,
     help="Primary address 0-250, 254 (the only meter on the bus; default) or an "
@@ -1896,11 +1897,17 @@ def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
     help="The .prom file to write atomically, or - for stdout.",
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["prom", "json"]), default="prom", show_default=True
+    "--format",
+    "fmt",
+    envvar="KAMSTRUP_FORMAT",
+    type=click.Choice(["prom", "json"]),
+    default="prom",
+    show_default=True,
 )
 @click.option(
     "--label",
     "labels",
+    envvar="KAMSTRUP_LABEL",
     type=LabelType(),
     multiple=True,
     help="NAME=VALUE: a constant label on every series. Repeatable.",
