@@ -320,6 +320,34 @@ def test_env_bad_value_is_a_usage_error(fake_bus):
     assert opened == []
 
 
+def test_env_address_list(fake_bus):
+    meters, _ = fake_bus
+    meters.extend([sim.Meter(address=48), sim.Meter(address=133, ident="82937133")])
+    result = invoke(["--once", "--output", "-"], env={"KAMSTRUP_ADDRESS": "48 133"})
+    assert result.exit_code == 0, result.stderr
+    assert 'kamstrup_up{address="48"} 1\n' in result.stdout
+    assert 'kamstrup_up{address="133"} 1\n' in result.stdout
+    assert 'address="254"' not in result.stdout
+
+
+def test_env_label():
+    result = invoke(
+        ["--decode", str(KAMSTRUP / "multical403.hex"), "--output", "-"],
+        env={"KAMSTRUP_LABEL": "location=cellar building=north"},
+    )
+    assert result.exit_code == 0
+    assert 'kamstrup_up{address="74",location="cellar",building="north"} 1\n' in result.stdout
+
+
+def test_env_format():
+    result = invoke(
+        ["--decode", str(KAMSTRUP / "multical403.hex"), "--output", "-"],
+        env={"KAMSTRUP_FORMAT": "json"},
+    )
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["meters"][0]["id"] == "77447744"
+
+
 # --- labels ------------------------------------------------------------------------------
 
 
