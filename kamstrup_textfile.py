@@ -1290,7 +1290,10 @@ def _one_line(text: str) -> str:
 
 NAMESPACE = "kamstrup"
 
-# Kamstrup info code (manufacturer register FF 22): bit -> flag name.
+# Kamstrup info code (manufacturer register FF 22): bit -> flag name.  Bits 0-11 are
+# common to the 303/403/603 (corpus/kamstrup/README.md); bits 12-31 exist in the
+# 32-bit code of the 403/603 (MULTICAL 603 technical description, "information code
+# types on serial communication", as also listed by wmbusmeters' kamheat driver).
 INFO_FLAGS = (
     (0, "supply_voltage_interrupted"),
     (1, "low_battery"),
@@ -1303,6 +1306,25 @@ INFO_FLAGS = (
     (8, "v1_air"),
     (9, "v1_wrong_flow_direction"),
     (11, "v1_flow_above_qs"),
+    (12, "in_a1_leakage"),
+    (13, "in_b1_leakage"),
+    (14, "in_a1_a2_external_alarm"),
+    (15, "in_b1_b2_external_alarm"),
+    (16, "v1_communication_error"),
+    (17, "v1_wrong_pulse_figure"),
+    (18, "in_a2_leakage"),
+    (19, "in_b2_leakage"),
+    (20, "t3_above_range"),
+    (21, "t3_below_range"),
+    (22, "v2_communication_error"),
+    (23, "v2_wrong_pulse_figure"),
+    (24, "v2_air"),
+    (25, "v2_wrong_flow_direction"),
+    (27, "v2_flow_above_qs"),
+    (28, "burst_water_loss"),
+    (29, "burst_water_penetration"),
+    (30, "leakage_water_loss"),
+    (31, "leakage_water_penetration"),
 )
 
 # Kamstrup manufacturer registers after VIF 0xFF: VIFE -> (base name, counter?).
@@ -1566,10 +1588,6 @@ def add_telegram(exp: Exposition, telegram: Telegram, address) -> None:
             for bit, flag in INFO_FLAGS:
                 if bit < bits:
                     exp.add("info_flag", meter + (("flag", flag),), (value >> bit) & 1)
-            known = {bit for bit, _ in INFO_FLAGS}
-            for bit in range(12, bits):
-                if bit not in known:
-                    exp.add("info_flag", meter + (("flag", f"bit_{bit}"),), (value >> bit) & 1)
 
 
 @dataclass
