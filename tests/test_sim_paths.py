@@ -1,0 +1,273 @@
+"""The real program against the simulated bus through the operating system's paths.
+
+A pseudo-terminal paced at 2400 baud (PtyLine), a TCP gateway (TcpLine, socket://),
+and the kamstrup-sim wrapper as the README shows it.  All slow: CI runs them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from corpus import KAMSTRUP
+
+import kamstrup_sim as sim
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = str(ROOT / "kamstrup_textfile.py")
+SIM = str(ROOT / "kamstrup_sim.py")
+
+ENERGY_48 = 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n'
+VOLUME_48 = 'kamstrup_volume_cubic_meters_total{meter="30303030"} 39.49\n'
+TEMPS_48 = (
+    'kamstrup_temperature_celsius{meter="30303030",sensor="flow"} 29.3\n'
+    'kamstrup_temperature_celsius{meter="30303030",sensor="return"} 28.2\n'
+)
+
+
+def tool(*args, env=None, timeout=120):
+    return subprocess.run(
+        [sys.executable, TOOL, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def stable(text: str) -> list:
+    """The lines that do not change from run to run (not times nor durations)."""
+    return [
+        line
+        for line in text.splitlines()
+        if not line.startswith(
+            ("kamstrup_last_success_timestamp_seconds", "kamstrup_read_duration_seconds")
+        )
+    ]
+
+
+def decoded_303(tmp_path: Path) -> str:
+    """What --decode makes of the simulated 303's frame (meter 30303030 at address 48)."""
+    out = tmp_path / "decoded.prom"
+    result = tool("--decode", str(KAMSTRUP / "multical303_heat_cooling.hex"), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    return out.read_text()
+
+
+def once_on(line, out: Path, *args):
+    return tool("--once", "--port", line, "--output", str(out), *args)
+
+
+def requests_of(bus: sim.SimulatedBus) -> list:
+    return [frame.hex(" ").upper() for frame in bus.log]
+
+
+# --- a paced pty and a TCP gateway ---------------------------------------------------------
+
+
+def test_once_through_paced_pty(tmp_path):
+    bus = sim.SimulatedBus([sim.Meter(address=48)])
+    line = sim.PtyLine(bus, baudrate=2400, pace=True)
+    out = tmp_path / "k.prom"
+    try:
+        result = once_on(line.path, out, "--address", "48")
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    text = out.read_text()
+    assert ENERGY_48 in text and VOLUME_48 in text and TEMPS_48 in text
+    assert stable(text) == stable(decoded_303(tmp_path))
+    assert requests_of(bus) == ["10 40 30 70 16", "10 7B 30 AB 16"]
+
+
+def test_once_through_tcp_gateway(tmp_path):
+    bus = sim.SimulatedBus([sim.Meter(address=48)])
+    line = sim.TcpLine(bus, baudrate=2400, pace=True)
+    out = tmp_path / "k.prom"
+    try:
+        assert line.url.startswith("socket://127.0.0.1:")
+        result = once_on(line.url, out, "--address", "48")
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    assert stable(out.read_text()) == stable(decoded_303(tmp_path))
+
+
+def test_tcp_gateway_with_echo(tmp_path):
+    bus = sim.SimulatedBus([sim.Meter(address=48)], echo=True)
+    line = sim.TcpLine(bus, pace=False)
+    out = tmp_path / "k.prom"
+    try:
+        result = once_on(line.url, out, "--address", "48")
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    assert ENERGY_48 in out.read_text()
+
+
+# --- answer deadlines ----------------------------------------------------------------------
+
+
+def test_late_answer_within_timeout_succeeds(tmp_path):
+    bus = sim.SimulatedBus([sim.Meter(address=48, delay=0.6)])
+    line = sim.PtyLine(bus, pace=True)
+    out = tmp_path / "k.prom"
+    try:
+        result = once_on(line.path, out, "--address", "48", "--timeout", "1.5", "--retries", "0")
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    assert ENERGY_48 in out.read_text()
+    assert len(bus.log) == 2  # no retry was needed
+
+
+def test_answer_beyond_timeout_fails(tmp_path):
+    bus = sim.SimulatedBus([sim.Meter(address=48, delay=0.8)])
+    line = sim.PtyLine(bus, pace=True)
+    out = tmp_path / "k.prom"
+    try:
+        result = once_on(line.path, out, "--address", "48", "--timeout", "0.3", "--retries", "0")
+    finally:
+        line.close()
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kamstrup_textfile: address 48")
+    assert "no answer within 0.3 s" in lines[0]
+    assert 'kamstrup_up{address="48"} 0\n' in out.read_text()
+    assert ENERGY_48 not in out.read_text()
+
+
+# --- multi-telegram, several meters --------------------------------------------------------
+
+
+def test_multi_telegram_over_pty(tmp_path):
+    bus = sim.SimulatedBus([sim.Meter(address=48, multi=True)])
+    line = sim.PtyLine(bus, pace=True)
+    out = tmp_path / "k.prom"
+    try:
+        result = once_on(line.path, out, "--address", "48")
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    assert requests_of(bus) == ["10 40 30 70 16", "10 7B 30 AB 16", "10 5B 30 8B 16"]
+    assert stable(out.read_text()) == stable(decoded_303(tmp_path))
+
+
+def test_several_meters_one_missing_over_pty(tmp_path):
+    meters = [
+        sim.Meter(address=48),
+        sim.Meter(address=133, ident="82937133", kind="303-heat"),
+        sim.Meter(address=74, ident="77447744", kind="403"),
+    ]
+    bus = sim.SimulatedBus(meters)
+    line = sim.PtyLine(bus, pace=True)
+    out = tmp_path / "k.prom"
+    args = ["--address", "48", "--address", "5", "--address", "133", "--address", "74"]
+    try:
+        result = once_on(line.path, out, *args, "--timeout", "0.3", "--retries", "1")
+    finally:
+        line.close()
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "address 5:" in lines[0]
+    text = out.read_text()
+    for address, up in (("48", 1), ("5", 0), ("133", 1), ("74", 1)):
+        assert f'kamstrup_up{{address="{address}"}} {up}\n' in text
+    assert ENERGY_48 in text
+    assert 'kamstrup_energy_joules_total{meter="82937133"} 46800000\n' in text
+    assert 'kamstrup_meter_info{address="74",meter="77447744"' in text
+    assert requests_of(bus).count("10 40 05 45 16") == 2  # the missing one: 1 + retries
+    assert not any(r.startswith("10 7B 05") for r in requests_of(bus))
+
+
+# --- kamstrup-sim as the README shows it ---------------------------------------------------
+
+
+def test_kamstrup_sim_wraps_a_once_run(tmp_path):
+    out = tmp_path / "k.prom"
+    result = subprocess.run(
+        [sys.executable, SIM, "--", sys.executable, TOOL, "--once", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert 'kamstrup_up{address="254"} 1\n' in text
+    assert ENERGY_48 in text and TEMPS_48 in text
+
+
+def test_kamstrup_sim_passes_the_exit_status(tmp_path):
+    out = tmp_path / "k.prom"
+    cmd = [sys.executable, SIM, "--meter", "403:74:77447744", "--"]
+    cmd += [sys.executable, TOOL, "--once", "--address", "48", "--timeout", "0.2"]
+    cmd += ["--retries", "0", "--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "address 48" in result.stderr
+    assert 'kamstrup_up{address="48"} 0\n' in out.read_text()
+
+
+def test_kamstrup_sim_echo_and_several_meters(tmp_path):
+    out = tmp_path / "k.prom"
+    cmd = [sys.executable, SIM, "--echo", "--meter", "303:48", "--meter", "403:74:77447744"]
+    cmd += ["--", sys.executable, TOOL, "--once", "--address", "48", "--address", "74"]
+    cmd += ["--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert 'kamstrup_up{address="48"} 1\n' in text
+    assert 'kamstrup_up{address="74"} 1\n' in text
+
+
+# --- scan and verbose ----------------------------------------------------------------------
+
+
+def test_scan_over_tcp_finds_both_meters():
+    meters = [
+        sim.Meter(address=48, delay=0),
+        sim.Meter(address=133, ident="82937133", kind="303-heat", delay=0),
+    ]
+    bus = sim.SimulatedBus(meters)
+    line = sim.TcpLine(bus, pace=False)
+    try:
+        result = tool("--scan", "--port", line.url, "--timeout", "0.05", "--retries", "0")
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    found = result.stdout.splitlines()
+    assert len(found) == 2, result.stdout
+    for text, (address, ident, medium) in zip(
+        found, (("48", "30303030", "heat/cooling"), ("133", "82937133", "heat"))
+    ):
+        assert f"address {address:>3}" in text
+        assert f"id {ident}" in text
+        assert "manufacturer KAM" in text
+        assert f"medium {medium}" in text
+    probed = {frame[2] for frame in bus.log if frame[:2] == b"\x10\x40"}
+    assert probed == set(range(251))
+
+
+def test_verbose_shows_frames_on_stderr(tmp_path):
+    bus = sim.SimulatedBus([sim.Meter(address=48)])
+    line = sim.PtyLine(bus, pace=False)
+    out = tmp_path / "k.prom"
+    try:
+        result = once_on(line.path, out, "-v")
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert "> 10 40 FE 3E 16" in lines
+    assert "> 10 7B FE 79 16" in lines
+    assert "< E5" in lines
+    answers = [x for x in lines if x.startswith("< 68 ")]
+    assert len(answers) == 1
+    assert answers[0].startswith("< 68 88 88 68 08 30 72 30 30 30 30")
+    assert answers[0].endswith("6C 16")
+    assert ENERGY_48 in out.read_text()
