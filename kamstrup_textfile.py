@@ -610,10 +610,13 @@ def _real32_decimal(data: bytes):
     (value,) = struct.unpack("<f", data)
     if not math.isfinite(value):
         return None
-    for digits in range(6, 10):
+    for digits in range(1, 10):
         text = f"{value:.{digits}g}"
-        if struct.pack("<f", float(text)) == data:
-            return Fraction(text)
+        try:
+            if struct.pack("<f", float(text)) == data:
+                return Fraction(text)
+        except OverflowError:  # rounded past the largest 32-bit real
+            continue
     return Fraction(value)
 
 
@@ -1171,6 +1174,18 @@ class Bus:
         tries = 1 + self.retries
         raise BusError(f"{what}: {reason} (after {tries} {'try' if tries == 1 else 'tries'})")
 
+    def _deselect(self) -> None:
+        """SND_NKE to 253: only a meter that is still selected answers, so silence is fine."""
+        frame = snd_nke(ADDRESS_SECONDARY)
+        self._send(frame)
+        saved, self.timeout = self.timeout, min(self.timeout, 0.2)
+        try:
+            self._answer(frame, want_frame=False)
+        except BusError:
+            pass
+        finally:
+            self.timeout = saved
+
     def _ack(self, frame: bytes, what: str) -> None:
         def once():
             self._send(frame)
@@ -1182,7 +1197,7 @@ class Bus:
         """Read one meter: a primary address (0-250, 254) or an 8-digit secondary address."""
         if isinstance(address, str):
             target = ADDRESS_SECONDARY
-            self._ack(snd_nke(ADDRESS_SECONDARY), "SND_NKE")
+            self._deselect()
             self._ack(select_secondary(address), f"selecting secondary address {address}")
         else:
             target = address
@@ -1334,6 +1349,10 @@ KAMSTRUP_REGISTERS = {
     b"\x22": ("info_code", False),
 }
 
+# Kamstrup manufacturer VIFEs after a standard VIF that keep the quantity's name:
+# 86 FF 02 is cooling energy E3 (named above), A5 FF 21 the 403's operating time.
+KAMSTRUP_QUALIFIERS = frozenset((("energy", b"\x02"), ("operating_time", b"\x21")))
+
 # quantity -> (base name, counter?, extra labels)
 QUANTITY_NAMES = {
     "energy": ("energy_joules", True, ()),
@@ -1452,7 +1471,7 @@ def record_series(telegram: Telegram, record: Record):
             "negative_accumulation" in record.modifiers
             or (manufacturer == "KAM" and record.manufacturer_vife == b"\x02")
         ):
-            base = "cooling_energy_joules"
+            base = "cooling_energy_joules"  # E3: 86 3C, or Kamstrup's 86 FF 02
     else:
         suffix = UNIT_SUFFIXES.get(record.unit, _metric_part(record.unit))
         base = _metric_part(quantity)
@@ -1466,23 +1485,26 @@ def record_series(telegram: Telegram, record: Record):
         if m not in ("negative_accumulation", "manufacturer_specific")
         and not m.startswith("correction_")
     ]
-    if record.manufacturer_vife and quantity != "manufacturer_specific":
-        if base != "cooling_energy_joules":
-            extra.append("manufacturer_" + record.manufacturer_vife.hex())
-    if extra:  # a quantity qualified in a way we have no name for: never a plain register
-        labels = labels + (("vife", ",".join(extra)),)
-        counter = False
+    mvife = record.manufacturer_vife
+    if mvife and quantity != "manufacturer_specific":
+        if not (manufacturer == "KAM" and (quantity, mvife) in KAMSTRUP_QUALIFIERS):
+            extra.append("manufacturer_" + mvife.hex())
+    position = (
+        ("storage", str(record.storage)),
+        ("tariff", str(record.tariff)),
+        ("subunit", str(record.subunit)),
+    )
+    if extra:  # qualified in a way we have no name for (limits, per-unit, ...): kept apart
+        base = "register_" + FUNCTION_PREFIXES[record.function] + _metric_part(quantity)
+        qualifiers = (("vife", ",".join(extra)),)
+        if not record.text_unit:
+            qualifiers += (("unit", record.unit),)
+        return base, False, position + labels[:1] * bool(record.text_unit) + qualifiers, value
     if record.function in ("maximum", "minimum"):
         counter = False
     base = FUNCTION_PREFIXES[record.function] + base
     if (record.storage, record.tariff, record.subunit) != (0, 0, 0):
-        base = "register_" + base
-        counter = False
-        labels = (
-            ("storage", str(record.storage)),
-            ("tariff", str(record.tariff)),
-            ("subunit", str(record.subunit)),
-        ) + labels
+        return "register_" + base, False, position + labels, value
     return base, counter, labels, value
 
 
@@ -1536,7 +1558,7 @@ def _generic_help(base: str) -> str:
         what = (
             known.rstrip(".").replace(", current value", "") if known else inner.replace("_", " ")
         )
-        return f"{what}: the register at the storage number, tariff and subunit in the labels."
+        return f"{what} (a register other than the current value: see its labels)."
     return f"M-Bus record: {base.replace('_', ' ')} (see README, generic records)."
 
 
@@ -1719,7 +1741,10 @@ def _remove_stale_temporaries(path: str) -> None:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         pid = name[len(prefix) : -len(".tmp")]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+        if not pid.isdigit():
+            continue
+        # our own pid cannot be a live writer yet (pids are reused after a reboot)
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
         try:
             os.unlink(os.path.join(directory, name))

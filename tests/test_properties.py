@@ -14,7 +14,6 @@ import struct
 from decimal import Decimal, localcontext
 from fractions import Fraction
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -351,11 +350,6 @@ def test_encoder_matches_real_records():
     assert encode_int(-2, 4) == bytes.fromhex("FEFFFFFF")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decoder bug: a subnormal real32 gets 6 significant digits, not the shortest "
-    "decimal (0D 00 00 00 -> 1.82169e-44, shortest 1.8e-44)",
-)
 def test_real32_subnormal_is_the_shortest_decimal():
     for bits in ("0D000000", "01000000", "FFFF7F00", "0D000080"):
         x32 = struct.unpack("<f", bytes.fromhex(bits))[0]
