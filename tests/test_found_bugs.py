@@ -40,3 +40,17 @@ def test_temporary_left_with_our_own_pid_does_not_block_the_write(tmp_path):
     kt._emit("kamstrup_up 1\n", str(out))
     assert out.read_text() == "kamstrup_up 1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["kamstrup.prom"]
+
+
+def test_last_success_kept_when_a_label_value_has_a_brace(tmp_path):
+    """kamstrup_textfile.previous_last_success: the regex ``address="..."[^}]*\\}`` stops at
+    the first ``}``, so with ``--label 'note=a}b'`` (a legal label value) the previous
+    last-success timestamps are never found and a failed run drops them.  It should parse
+    label values (quoted, with escapes) instead of scanning for ``}``.
+    """
+    reading = kt.Reading(74, kt.decode_telegram(bytes.fromhex(sim.FRAMES["403"])))
+    text = kt.exposition([reading], (("note", "a}b"),))
+    out = tmp_path / "kamstrup.prom"
+    out.write_text(text)
+    assert 'kamstrup_last_success_timestamp_seconds{address="74",note="a}b"}' in text
+    assert set(kt.previous_last_success(str(out))) == {"74"}
