@@ -264,6 +264,16 @@ def test_secondary_address_selected_with_snd_ud_to_253():
     assert not any(f[1] & 0xCF == 0x4B for f in other.requests)
 
 
+def test_secondary_address_read_when_no_meter_is_selected_yet():
+    """SND_NKE to 253 is answered only by a selected slave: silence there is normal."""
+    meter = sim.Meter(address=48, ident="30303030")
+    port = sim.FakePort(sim.SimulatedBus([meter]), timeout=0.001)
+    bus = kt.Bus(port, timeout=0.05, retries=0, pause=0)
+    telegram = bus.read("30303030")
+    assert telegram.id == "30303030"
+    assert kt.select_secondary("30303030") in bytes(port.written)
+
+
 def test_secondary_address_of_another_meter_gets_no_answer():
     meter = sim.Meter(address=48, ident="11111111", selected=True)
     message = _bus_error_secondary(meter, "30303030")

@@ -437,6 +437,15 @@ def test_stale_temporary_removed_live_one_kept(tmp_path):
     assert out.read_text().endswith("\n")
 
 
+def test_temporary_left_with_our_own_pid_does_not_block_the_write(tmp_path):
+    """A leftover with the pid this run got (pids are reused) is not a live writer."""
+    out = tmp_path / "kamstrup.prom"
+    (tmp_path / f".kamstrup.prom.{os.getpid()}.tmp").write_text("left by a killed run")
+    kt._emit("kamstrup_up 1\n", str(out))
+    assert out.read_text() == "kamstrup_up 1\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["kamstrup.prom"]
+
+
 def test_file_mode_0644_whatever_the_umask(tmp_path):
     out = tmp_path / "kamstrup.prom"
     result = subprocess.run(
