@@ -1656,8 +1656,15 @@ def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) 
 
 
 _LAST_SUCCESS = re.compile(
-    r'^kamstrup_last_success_timestamp_seconds\{address="([^"]*)"[^}]*\}\s+(\S+)\s*$', re.M
+    r'^kamstrup_last_success_timestamp_seconds\{((?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*)\}'
+    r"\s+(\S+)\s*$",
+    re.M,
 )
+_LABEL_PAIR = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
+
+
+def _unescape_label(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
 
 
 def previous_last_success(path: str) -> dict:
@@ -1668,9 +1675,12 @@ def previous_last_success(path: str) -> dict:
     except (OSError, UnicodeDecodeError):
         return {}
     out = {}
-    for address, value in _LAST_SUCCESS.findall(text):
+    for labels, value in _LAST_SUCCESS.findall(text):
+        pairs = dict(_LABEL_PAIR.findall(labels))
+        if "address" not in pairs:
+            continue
         try:
-            out[address] = float(value)
+            out[_unescape_label(pairs["address"])] = float(value)
         except ValueError:
             pass
     return out

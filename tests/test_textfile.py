@@ -698,3 +698,20 @@ def test_killed_run_temporary_cleaned_by_next_run(tmp_path):
     assert not stale.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["kamstrup.prom"]
     assert 'kamstrup_up{address="254"} 1\n' in prom.read_text()
+
+
+def test_last_success_kept_when_label_values_have_braces_quotes_and_newlines(tmp_path):
+    """The previous file is parsed label by label, escapes included, not up to the first }."""
+    reading = kt.Reading(74, kt.decode_telegram(bytes.fromhex(sim.FRAMES["403"])))
+    labels = (("note", 'a}b "q" \\ c\nd'),)
+    text = kt.exposition([reading], labels)
+    out = tmp_path / "kamstrup.prom"
+    out.write_text(text)
+    assert (
+        'kamstrup_last_success_timestamp_seconds{address="74",note="a}b \\"q\\" \\\\ c\\nd"}'
+        in text
+    )
+    kept = kt.previous_last_success(str(out))
+    assert set(kept) == {"74"}
+    failed = kt.exposition([kt.Reading(74, error="no answer")], labels, kept)
+    assert f'{{address="74",note="a}}b \\"q\\" \\\\ c\\nd"}} {kept["74"]}' in failed
