@@ -276,7 +276,7 @@ class _Line:
         for i in range(len(data)):
             if self.stop.is_set():
                 return
-            target = start + i * self.byte_time
+            target = start + (i + 1) * self.byte_time  # a byte is there once its 11 bits are
             wait = target - time.monotonic()
             if wait > 0:
                 time.sleep(wait)

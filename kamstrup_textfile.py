@@ -292,6 +292,11 @@ class Telegram:
         return MEDIUMS.get(self.medium, f"reserved 0x{self.medium:02X}")
 
     def to_json(self) -> dict:
+        out = self.header_json()
+        out["records"] = [r.to_json() for r in self.records]
+        return out
+
+    def header_json(self) -> dict:
         return {
             "address": self.address,
             "id": self.id,
@@ -302,7 +307,6 @@ class Telegram:
             "access_number": self.access_number,
             "status": self.status,
             "signature": self.signature,
-            "records": [r.to_json() for r in self.records],
         }
 
 
@@ -652,9 +656,23 @@ class _Vib:
     text_unit: str = ""
     offset: Any = None
     fahrenheit: bool = False
+    raw: bytes = b""  # the VIF and VIFEs as sent
+    scaled: bool = False  # a plain number: raw integer * num / den, nothing else
 
 
 _VIB_CACHE: dict = {}  # VIF+VIFE bytes -> _Vib (never mutated once made)
+_VIF_CACHE: dict = {}  # the same for a lone VIF, by its value
+
+
+def _finish_vib(vib: _Vib, raw: bytes) -> _Vib:
+    vib.raw = bytes(raw)
+    vib.scaled = (
+        vib.kind == "number"
+        and vib.offset is None
+        and not vib.fahrenheit
+        and vib.quantity not in _RAW_QUANTITIES
+    )
+    return vib
 
 
 def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
@@ -664,8 +682,13 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     """
     if pos >= end:
         raise FrameError(f"record ends before its VIF at byte {pos}")
-    if payload[pos] & 0x7F == 0x7C:  # plain text: the unit is part of the VIB, not cached
-        return _parse_vib(payload, pos, end)
+    vif = payload[pos]
+    vib = _VIF_CACHE.get(vif)  # the common case: one byte, seen before
+    if vib is not None:
+        return vib, pos + 1
+    if vif & 0x7F == 0x7C:  # plain text: the unit is part of the VIB, not cached
+        vib, stop = _parse_vib(payload, pos, end)
+        return _finish_vib(vib, payload[pos:stop]), stop
     stop = pos + 1
     while payload[stop - 1] & 0x80:
         if stop >= end:
@@ -676,8 +699,10 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     key = payload[pos:stop]
     vib = _VIB_CACHE.get(key)
     if vib is None:
-        vib = _parse_vib(key, 0, len(key))[0]
-        if len(_VIB_CACHE) < 4096:
+        vib = _finish_vib(_parse_vib(key, 0, len(key))[0], key)
+        if stop == pos + 1:
+            _VIF_CACHE[vif] = vib
+        elif len(_VIB_CACHE) < 4096:
             _VIB_CACHE[key] = vib
     return vib, stop
 
@@ -771,20 +796,12 @@ def _apply_vifes(vib: _Vib, vifes: Sequence[int]) -> None:
 
 
 _INTEGER_CODINGS = frozenset((1, 2, 3, 4, 6, 7))
+_FIXED_NUMBER_CODINGS = _INTEGER_CODINGS | {0x09, 0x0A, 0x0B, 0x0C, 0x0E}  # and BCD
 
 
 def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str) -> tuple:
     """The data field at ``pos`` by the DIF's coding; returns (value, new position)."""
     length = _DATA_LENGTHS[coding]
-    if coding in _INTEGER_CODINGS and kind == "number" and vib.offset is None:
-        stop = pos + length  # the common case, kept short: a scaled signed integer
-        if stop > end:
-            raise FrameError(f"record data of {length} bytes runs past the frame at byte {pos}")
-        raw = int.from_bytes(payload[pos:stop], "little", signed=True)
-        if vib.quantity in _RAW_QUANTITIES:
-            return raw, stop
-        value = float(raw * vib.num) if vib.den == 1 else (raw * vib.num) / vib.den
-        return (_fahrenheit_to_celsius(value) if vib.fahrenheit else value), stop
     if coding == 0x0D:  # variable length: LVAR byte first
         if pos >= end:
             raise FrameError(f"variable-length record without LVAR at byte {pos}")
@@ -854,6 +871,8 @@ def _number(raw, vib: _Vib):
     return _fahrenheit_to_celsius(value) if vib.fahrenheit else value
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(256))
+
 # Manufacturer-specific registers (VIF 0x7F/0xFF + VIFEs) that are unsigned bit
 # fields, by manufacturer: Kamstrup's info code is FF 22.
 BIT_FIELD_REGISTERS = {"KAM": frozenset((b"\x22",))}
@@ -896,7 +915,7 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
         pos += 1
         extension = dif & 0x80
         n = 0
-        while extension:
+        while extension:  # DIFEs: storage number, tariff and subunit bits, LSB first
             if pos >= end:
                 raise FrameError(f"record ends inside its DIFEs at byte {pos}")
             dife = payload[pos]
@@ -908,14 +927,27 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             subunit |= ((dife >> 6) & 0x01) << n
             n += 1
             extension = dife & 0x80
-        dib = payload[dib_start:pos]
-        vib_start = pos
+        dib = payload[dib_start:pos] if n else _ONE_BYTE[dif]
         vib, pos = _read_vib(payload, pos, end)
-        kind = vib.kind
-        if vib.manufacturer_vife in bit_fields and vib.quantity == "manufacturer_specific":
-            kind = "bits"
-        vib_bytes = payload[vib_start:pos]
-        value, pos = _read_data(payload, pos, end, dif & 0x0F, vib, kind)
+        coding = dif & 0x0F
+        if vib.scaled and coding in _FIXED_NUMBER_CODINGS:  # most records: a scaled number
+            stop = pos + _DATA_LENGTHS[coding]
+            if stop > end:
+                raise FrameError(f"record data runs past the frame at byte {pos}")
+            if coding < 8:
+                raw = int.from_bytes(payload[pos:stop], "little", signed=True)
+            else:
+                raw = _decode_bcd(payload[pos:stop])
+            if raw is None:
+                value = None
+            else:
+                value = float(raw * vib.num) if vib.den == 1 else raw * vib.num / vib.den
+            pos = stop
+        else:
+            kind = vib.kind
+            if vib.manufacturer_vife in bit_fields and vib.quantity == "manufacturer_specific":
+                kind = "bits"
+            value, pos = _read_data(payload, pos, end, coding, vib, kind)
         records.append(
             Record(
                 storage,
@@ -926,7 +958,7 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
                 vib.unit,
                 value,
                 dib,
-                vib_bytes,
+                vib.raw,
                 vib.modifiers,
                 vib.manufacturer_vife,
                 vib.text_unit,
@@ -1300,7 +1332,7 @@ def _one_line(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# 4. Metrics: telegrams to Prometheus exposition text
+# 4. Metrics: telegrams to Prometheus exposition text (and to JSON)
 # ---------------------------------------------------------------------------
 
 NAMESPACE = "kamstrup"
@@ -1686,6 +1718,58 @@ def previous_last_success(path: str) -> dict:
     return out
 
 
+def render_json(readings: Sequence[Reading]) -> str:
+    """The --format json document: {"meters": [...]}, one line."""
+    import json
+
+    meters = []
+    for reading in readings:
+        if reading.telegram is not None:
+            meters.append(telegram_json(reading.telegram))
+        else:
+            meters.append(json.dumps({"address": reading.address, "error": reading.error}))
+    return '{"meters": [' + ", ".join(meters) + "]}\n"
+
+
+_RECORD_JSON: dict = {}  # (DIB, VIB) -> (JSON text before the value, text after it)
+
+
+def telegram_json(telegram: Telegram) -> str:
+    """``json.dumps(telegram.to_json())``, made faster for the records.
+
+    A meter sends the same record shapes (storage, tariff, unit, ...) every time, so the
+    JSON text around each value is made once per shape; only the value is new.
+    """
+    import json
+
+    text = json.dumps(telegram.header_json())[:-1]
+    parts = []
+    for record in telegram.records:
+        # DIB and VIB fix every field but the value (the fixed structure has neither)
+        shape = (record.dib, record.vib, record.storage, record.quantity, record.unit)
+        template = _RECORD_JSON.get(shape)
+        if template is None:
+            fields = record.to_json()
+            fields["value"] = None
+            before, after = json.dumps(fields).split('"value": null', 1)
+            template = (before + '"value": ', after)
+            if len(_RECORD_JSON) < 4096:
+                _RECORD_JSON[shape] = template
+        parts.append(template[0] + _json_value(record.value, json) + template[1])
+    return text + ', "records": [' + ", ".join(parts) + "]}"
+
+
+def _json_value(value, json) -> str:
+    kind = type(value)
+    if kind is float:
+        return repr(value) if math.isfinite(value) else "null"
+    if kind is int:
+        return str(value)
+    if value is None:
+        return "null"
+    return json.dumps(value)
+
+
 # ---------------------------------------------------------------------------
 # 5. Output: the atomic write
 # ---------------------------------------------------------------------------
@@ -1878,18 +1962,6 @@ def readings_from_frames(frames: Sequence[bytes]) -> list:
     if pending:
         readings.append(Reading(pending[0].address, merge_telegrams(pending)))
     return readings
-
-
-def render_json(readings: Sequence[Reading]) -> str:
-    import json
-
-    meters = []
-    for reading in readings:
-        if reading.telegram is not None:
-            meters.append(reading.telegram.to_json())
-        else:
-            meters.append({"address": reading.address, "error": reading.error})
-    return json.dumps({"meters": meters}) + "\n"
 
 
 def _emit(text: str, output: str) -> None:

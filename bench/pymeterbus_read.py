@@ -27,10 +27,12 @@ def decode(seconds: float, paths: list) -> None:
             digits = "".join(c for c in f.read() if c in "0123456789abcdefABCDEF")
         frames.append(bytes.fromhex(digits))
     usable = []
-    for frame in frames:
+    indices = []
+    for index, frame in enumerate(frames):
         try:
             meterbus.load(frame).to_JSON()
             usable.append(frame)
+            indices.append(str(index))
         except Exception:  # pyMeterBus cannot decode every frame; count what it can
             pass
     count = 0
@@ -40,7 +42,7 @@ def decode(seconds: float, paths: list) -> None:
             meterbus.load(frame).to_JSON()
         count += len(usable)
     elapsed = time.perf_counter() - start
-    print(f"{count / elapsed:.1f} {len(usable)} {len(frames)}")
+    print(f"{count / elapsed:.1f} {len(usable)} {len(frames)} {','.join(indices)}")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ tool's own environment.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -74,7 +74,9 @@ def run_measured(cmd) -> tuple:
     with tempfile.NamedTemporaryFile("r") as rss_file:
         wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *cmd]
         start = time.perf_counter()
-        proc = subprocess.Popen(wrapped, env=ENV, stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            wrapped, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         rss_kib = int(rss_file.read().split()[-1])
@@ -156,26 +158,30 @@ def import_baseline(runs: int) -> tuple:
 
 
 def decode_rate(frames, seconds: float) -> float:
+    """Frames per second of decode_telegram + the JSON text the tool prints for them."""
     count = 0
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         for frame in frames:
-            json.dumps(kt.decode_telegram(frame).to_json())
+            kt.telegram_json(kt.decode_telegram(frame))
         count += len(frames)
     return count / (time.perf_counter() - start)
 
 
+def read_hex(path: Path) -> bytes:
+    return bytes.fromhex("".join(c for c in path.read_text("latin-1") if c in string.hexdigits))
+
+
 def throughput(seconds: float, pmb: str | None) -> list:
+    """(name, frames, ours on all, pyMeterBus, ours on the frames pyMeterBus decodes, usable)."""
     answer_path = Path(tempfile.mkdtemp()) / "multical303.hex"
-    answer = sim.Meter().telegrams()[0]
-    answer_path.write_text(answer.hex(" "))
+    answer_path.write_text(sim.Meter().telegrams()[0].hex(" "))
     corpus = sorted(CORPUS.glob("*.hex"))
     rows = []
     for name, paths in (("MULTICAL 303 answer", [answer_path]), ("libmbus corpus", corpus)):
-        frames = [bytes.fromhex("".join(c for c in p.read_text("latin-1") if c in
-                                        "0123456789abcdefABCDEF")) for p in paths]  # fmt: skip
+        frames = [read_hex(p) for p in paths]
         ours = decode_rate(frames, seconds)
-        theirs = usable = None
+        theirs = same = usable = None
         if pmb:
             done = subprocess.run(
                 [pmb, str(HERE / "pymeterbus_read.py"), "--decode", str(seconds)]
@@ -184,10 +190,12 @@ def throughput(seconds: float, pmb: str | None) -> list:
                 text=True,
                 check=True,
             )
-            rate, usable, total = done.stdout.split()
+            rate, count, total, *indices = done.stdout.split()
             theirs = float(rate)
-            usable = f"{usable}/{total}"
-        rows.append((name, len(frames), ours, theirs, usable))
+            usable = f"{count}/{total}"
+            chosen = [frames[int(i)] for i in indices[0].split(",")] if indices else []
+            same = decode_rate(chosen, seconds) if chosen else None
+        rows.append((name, len(frames), ours, theirs, same, usable))
     return rows
 
 
@@ -250,12 +258,19 @@ def main() -> None:
           f"{ours[3]:.1f} ({ours[3] / base_rss:.2f}x) |")  # fmt: skip
 
     print(f"\n## 3. Decoding throughput (decode + JSON), {args.seconds:g} s each\n")
-    print("| frames | n | ours frames/s | pyMeterBus frames/s | ratio | pyMeterBus decodes |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, n, ours_rate, theirs, usable in throughput(args.seconds, pmb):
-        ratio = f"{ours_rate / theirs:.1f}x" if theirs else "n/a"
+    print(
+        "| frames | n | ours, all frames/s | pyMeterBus frames/s | ours on the same frames/s "
+        "| ratio | pyMeterBus decodes |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, n, ours_rate, theirs, same, usable in throughput(args.seconds, pmb):
+        ratio = f"{same / theirs:.1f}x" if theirs and same else "n/a"
         theirs_text = f"{theirs:,.0f}" if theirs else "n/a"
-        print(f"| {name} | {n} | {ours_rate:,.0f} | {theirs_text} | {ratio} | {usable or 'n/a'} |")
+        same_text = f"{same:,.0f}" if same else "n/a"
+        print(
+            f"| {name} | {n} | {ours_rate:,.0f} | {theirs_text} | {same_text} | {ratio} "
+            f"| {usable or 'n/a'} |"
+        )
 
     counts = (1, 10) if args.quick else (1, 10, 50)
     print("\n## 4. Many meters on one bus, the last one silent (timeout 1 s, 2 retries)\n")
