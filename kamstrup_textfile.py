@@ -23,7 +23,6 @@ import re
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 __version__ = "0.1.0"
@@ -85,12 +84,32 @@ def select_secondary(secondary: str) -> bytes:
     return long_frame(C_SND_UD, ADDRESS_SECONDARY, 0x52, ident + b"\xff\xff\xff\xff")
 
 
-@dataclass(frozen=True)
-class LongFrame:
-    c: int
-    a: int
-    ci: int
-    data: bytes
+class _Plain:
+    """Equality and repr from ``__slots__``: what dataclasses give, without their import."""
+
+    __slots__ = ()
+
+    def _key(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self._key() == other._key()
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class LongFrame(_Plain):
+    __slots__ = ("c", "a", "ci", "data")
+
+    def __init__(self, c: int, a: int, ci: int, data: bytes):
+        self.c = c
+        self.a = a
+        self.ci = ci
+        self.data = data
 
 
 def long_frame_length(buf: bytes) -> int | None:
@@ -201,7 +220,7 @@ APPLICATION_ERRORS = {
 FUNCTIONS = ("instantaneous", "maximum", "minimum", "error")
 
 
-class Record:
+class Record(_Plain):
     """One data record, its value already in SI base units."""
 
     __slots__ = (
@@ -225,18 +244,6 @@ class Record:
         self.modifiers = modifiers  # combinable VIFEs, by name
         self.manufacturer_vife = manufacturer_vife  # after a manufacturer-specific VIF(E)
         self.text_unit = text_unit  # the unit of a plain-text VIF (0x7C/0xFC)
-
-    def _key(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other):
-        return isinstance(other, Record) and self._key() == other._key()
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"Record({fields})"
 
     @property
     def current(self) -> bool:
@@ -266,22 +273,33 @@ class Record:
         return out
 
 
-@dataclass
-class Telegram:
+class Telegram(_Plain):
     """A decoded RSP_UD: the meter's header and its data records."""
 
-    address: int
-    ci: int
-    id: str | None = None
-    manufacturer: str | None = None
-    version: int | None = None
-    medium: int | None = None
-    access_number: int | None = None
-    status: int | None = None
-    signature: int | None = None
-    records: list = field(default_factory=list)
-    more_records_follow: bool = False
-    fixed_medium: str | None = None  # CI 0x73 has its own 4-bit medium table
+    __slots__ = (
+        "address", "ci", "id", "manufacturer", "version", "medium", "access_number",
+        "status", "signature", "records", "more_records_follow", "fixed_medium",
+    )  # fmt: skip
+
+    def __init__(
+        self, address: int, ci: int, id: str | None = None, manufacturer: str | None = None,
+        version: int | None = None, medium: int | None = None,
+        access_number: int | None = None, status: int | None = None,
+        signature: int | None = None, records: list | None = None,
+        more_records_follow: bool = False, fixed_medium: str | None = None,
+    ):  # fmt: skip
+        self.address = address
+        self.ci = ci
+        self.id = id
+        self.manufacturer = manufacturer
+        self.version = version
+        self.medium = medium
+        self.access_number = access_number
+        self.status = status
+        self.signature = signature
+        self.records = [] if records is None else records
+        self.more_records_follow = more_records_follow
+        self.fixed_medium = fixed_medium  # CI 0x73 has its own 4-bit medium table
 
     @property
     def medium_name(self) -> str:
@@ -644,20 +662,27 @@ def _fahrenheit_to_celsius(value: float) -> float:
     return float((Fraction(str(value)) - 32) * 5 / 9)
 
 
-@dataclass
-class _Vib:
-    quantity: str
-    unit: str
-    kind: str
-    num: int
-    den: int
-    modifiers: tuple = ()
-    manufacturer_vife: bytes = b""
-    text_unit: str = ""
-    offset: Any = None
-    fahrenheit: bool = False
-    raw: bytes = b""  # the VIF and VIFEs as sent
-    scaled: bool = False  # a plain number: raw integer * num / den, nothing else
+class _Vib(_Plain):
+    """What a VIF and its VIFEs say: quantity, SI unit, how to read and scale the data."""
+
+    __slots__ = (
+        "quantity", "unit", "kind", "num", "den", "modifiers", "manufacturer_vife",
+        "text_unit", "offset", "fahrenheit", "raw", "scaled",
+    )  # fmt: skip
+
+    def __init__(self, quantity: str, unit: str, kind: str, num: int, den: int, text_unit=""):
+        self.quantity = quantity
+        self.unit = unit
+        self.kind = kind
+        self.num = num
+        self.den = den
+        self.modifiers: tuple = ()
+        self.manufacturer_vife = b""
+        self.text_unit = text_unit
+        self.offset: Any = None
+        self.fahrenheit = False
+        self.raw = b""  # the VIF and VIFEs as sent
+        self.scaled = False  # a plain number: raw integer * num / den, nothing else
 
 
 _VIB_CACHE: dict = {}  # VIF+VIFE bytes -> _Vib (never mutated once made)
@@ -1064,7 +1089,8 @@ def merge_telegrams(telegrams: Sequence[Telegram]) -> Telegram:
     first = telegrams[0]
     if len(telegrams) == 1:
         return first
-    merged = Telegram(**{**first.__dict__, "records": []})
+    merged = Telegram(**{name: getattr(first, name) for name in Telegram.__slots__})
+    merged.records = []
     for telegram in telegrams[:-1]:  # drop the empty DIF 0x1F that only said "more follow"
         records = telegram.records
         if records and records[-1].dib == b"\x1f" and not records[-1].value:
@@ -1540,12 +1566,14 @@ def record_series(telegram: Telegram, record: Record):
     return base, counter, labels, value
 
 
-@dataclass
-class Family:
-    name: str
-    type: str
-    help: str
-    samples: list = field(default_factory=list)  # (labels tuple, value)
+class Family(_Plain):
+    __slots__ = ("name", "type", "help", "samples")
+
+    def __init__(self, name: str, type: str, help: str):
+        self.name = name
+        self.type = type
+        self.help = help
+        self.samples: list = []  # (labels tuple, value)
 
 
 class Exposition:
@@ -1644,14 +1672,17 @@ def add_telegram(exp: Exposition, telegram: Telegram, address) -> None:
                     exp.add("info_flag", meter + (("flag", flag),), (value >> bit) & 1)
 
 
-@dataclass
-class Reading:
+class Reading(_Plain):
     """What one configured address gave in one run."""
 
-    address: Any  # int or secondary address string
-    telegram: Telegram | None = None
-    error: str | None = None
-    duration: float = 0.0
+    __slots__ = ("address", "telegram", "error", "duration")
+
+    def __init__(self, address, telegram: Telegram | None = None, error: str | None = None,
+                 duration: float = 0.0):  # fmt: skip
+        self.address = address  # int or secondary address string
+        self.telegram = telegram
+        self.error = error
+        self.duration = duration
 
 
 def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) -> str:
