@@ -626,9 +626,8 @@ def _decode_datetime(data: bytes) -> str | None:
 
 
 def _real32_decimal(data: bytes):
-    """The shortest decimal (as a Fraction) that a 32-bit real stands for."""
-    from fractions import Fraction
-
+    """The shortest decimal that a 32-bit real stands for, as an exact (numerator,
+    denominator) pair; None for NaN and infinities."""
     (value,) = struct.unpack("<f", data)
     if not math.isfinite(value):
         return None
@@ -636,21 +635,33 @@ def _real32_decimal(data: bytes):
         text = f"{value:.{digits}g}"
         try:
             if struct.pack("<f", float(text)) == data:
-                return Fraction(text)
+                return _decimal_ratio(text)
         except OverflowError:  # rounded past the largest 32-bit real
             continue
-    return Fraction(value)
+    return value.as_integer_ratio()
+
+
+def _decimal_ratio(text: str) -> tuple:
+    """'18511.912' -> (18511912, 1000), '1.8e-44' -> (18, 10**45): exact, no float."""
+    mantissa, _, exponent = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = int(whole + fraction)
+    power = (int(exponent) if exponent else 0) - len(fraction)
+    return (digits * 10**power, 1) if power >= 0 else (digits, 10**-power)
 
 
 def _scale(raw, num: int, den: int, offset=None):
-    """raw * num / den as the float nearest the exact result."""
-    if isinstance(raw, int) and offset is None:
-        if den == 1:
-            return float(raw * num)
-        return (raw * num) / den
+    """raw * num / den as the float nearest the exact result (raw: int or (n, d) pair)."""
+    if isinstance(raw, tuple):
+        raw_num, raw_den = raw
+    else:
+        raw_num, raw_den = raw, 1
+    if offset is None:
+        den *= raw_den
+        return float(raw_num * num) if den == 1 else (raw_num * num) / den
     from fractions import Fraction
 
-    exact = Fraction(raw) * num / den
+    exact = Fraction(raw_num, raw_den) * num / den
     if offset is not None:
         exact += offset
     return float(exact)
@@ -891,7 +902,7 @@ def _number(raw, vib: _Vib):
     if raw is None:
         return None
     if vib.kind == "id" or vib.quantity in _RAW_QUANTITIES:
-        return raw if isinstance(raw, int) else float(raw)
+        return raw if isinstance(raw, int) else raw[0] / raw[1]
     value = _scale(raw, vib.num, vib.den, vib.offset)
     return _fahrenheit_to_celsius(value) if vib.fahrenheit else value
 
@@ -1786,7 +1797,11 @@ def telegram_json(telegram: Telegram) -> str:
             template = (before + '"value": ', after)
             if len(_RECORD_JSON) < 4096:
                 _RECORD_JSON[shape] = template
-        parts.append(template[0] + _json_value(record.value, json) + template[1])
+        value = record.value
+        if type(value) is float and value - value == 0:  # finite: repr is its JSON
+            parts.append(template[0] + repr(value) + template[1])
+        else:
+            parts.append(template[0] + _json_value(value, json) + template[1])
     return text + ', "records": [' + ", ".join(parts) + "]}"
 
 
