@@ -23,7 +23,7 @@ import re
 import struct
 import sys
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 __version__ = "0.1.0"
 
@@ -148,6 +148,35 @@ def parse_long_frame(buf: bytes) -> LongFrame:
     if c not in ANSWER_C_FIELDS:
         raise FrameError(f"C field 0x{c:02X} is not an answer (RSP_UD)")
     return LongFrame(c, body[1], body[2], bytes(body[3:]))
+
+
+def parse_hex(text: str) -> bytes:
+    """Hex digits in any case, separated or not by white space (the libmbus .hex layout)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        bad = re.search(r"[^0-9A-Fa-f\s]", line)
+        if bad:
+            raise FrameError(f"line {number}: {bad.group()!r} is not a hex digit")
+    digits = "".join(text.split())
+    if not digits:
+        raise FrameError("no hex digits")
+    if len(digits) % 2:
+        raise FrameError(f"odd number of hex digits ({len(digits)})")
+    return bytes.fromhex(digits)
+
+
+def split_frames(data: bytes) -> list:
+    """The long frames one after another in ``data``."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] != START_LONG:
+            raise FrameError(f"no frame at byte {pos}: 0x{data[pos]:02X} is not 0x68")
+        length = long_frame_length(data[pos : pos + 4])
+        if length is None or pos + length > len(data):
+            raise FrameError(f"truncated frame at byte {pos}: {len(data) - pos} bytes left")
+        frames.append(data[pos : pos + length])
+        pos += length
+    return frames
 
 
 # ---------------------------------------------------------------------------
@@ -1189,7 +1218,7 @@ class Bus:
         try:
             while True:
                 if not self._fill(buf, 1, deadline):
-                    raise BusError(_silence(buf, self.timeout))
+                    raise BusError(_silence(self.timeout))
                 first = buf[0]
                 if first == request[0]:  # perhaps our own request, echoed by the adapter
                     if self._fill(buf, len(request), deadline) and buf[: len(request)] == request:
@@ -1296,18 +1325,18 @@ class Bus:
             fcb = not fcb
         return merge_telegrams(telegrams)
 
-    def scan(self, addresses: Iterable[int], progress=None) -> Iterator[Telegram]:
-        """Probe primary addresses; yield the telegram of every meter that answers."""
-        for address in addresses:
-            try:
-                yield self.read(address)
-            except BusError:
-                pass
-            if progress is not None:
-                progress(address)
+    def ping(self, address: int) -> bool:
+        """Whether a meter at this primary address answers SND_NKE (one try: for --scan)."""
+        frame = snd_nke(address)
+        try:
+            self._send(frame)
+            self._answer(frame, want_frame=False)
+        except BusError:
+            return False
+        return True
 
 
-def _silence(buf: bytearray, timeout: float) -> str:
+def _silence(timeout: float) -> str:
     return f"no answer within {timeout:g} s"
 
 
@@ -1696,6 +1725,29 @@ class Reading(_Plain):
         self.duration = duration
 
 
+def readings_from_frames(frames: Sequence[bytes]) -> list:
+    """Frames as if they had come from the bus: "more records follow" joins the next."""
+    readings = []
+    pending: list = []
+    for frame in frames:
+        try:
+            telegram = decode_telegram(frame)
+        except ApplicationError as exc:
+            address = frame[5] if len(frame) > 5 else 0
+            readings.append(Reading(address=address, error=str(exc)))
+            continue
+        if pending and (telegram.address, telegram.id) != (pending[0].address, pending[0].id):
+            readings.append(Reading(pending[0].address, merge_telegrams(pending)))
+            pending = []
+        pending.append(telegram)
+        if not telegram.more_records_follow or len(pending) >= MAX_TELEGRAMS:
+            readings.append(Reading(pending[0].address, merge_telegrams(pending)))
+            pending = []
+    if pending:
+        readings.append(Reading(pending[0].address, merge_telegrams(pending)))
+    return readings
+
+
 def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) -> str:
     """The whole .prom text for a run. ``last_success`` maps address label -> unix time."""
     exp = Exposition(const_labels)
@@ -1952,64 +2004,6 @@ class LabelType(click.ParamType):
         return (name, text)
 
 
-def _read_hex(stream) -> bytes:
-    """Hex digits in any case, separated or not by white space."""
-    text = stream.read()
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("ascii")
-        except UnicodeDecodeError:
-            raise FrameError("the file is not hex text") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        bad = re.search(r"[^0-9A-Fa-f\s]", line)
-        if bad:
-            raise FrameError(f"line {number}: {bad.group()!r} is not a hex digit")
-    digits = "".join(text.split())
-    if not digits:
-        raise FrameError("no hex digits")
-    if len(digits) % 2:
-        raise FrameError(f"odd number of hex digits ({len(digits)})")
-    return bytes.fromhex(digits)
-
-
-def split_frames(data: bytes) -> list:
-    """The long frames one after another in ``data``."""
-    frames = []
-    pos = 0
-    while pos < len(data):
-        if data[pos] != START_LONG:
-            raise FrameError(f"no frame at byte {pos}: 0x{data[pos]:02X} is not 0x68")
-        length = long_frame_length(data[pos : pos + 4])
-        if length is None or pos + length > len(data):
-            raise FrameError(f"truncated frame at byte {pos}: {len(data) - pos} bytes left")
-        frames.append(data[pos : pos + length])
-        pos += length
-    return frames
-
-
-def readings_from_frames(frames: Sequence[bytes]) -> list:
-    """Frames as if they had come from the bus: "more records follow" joins the next."""
-    readings = []
-    pending: list = []
-    for frame in frames:
-        try:
-            telegram = decode_telegram(frame)
-        except ApplicationError as exc:
-            address = frame[5] if len(frame) > 5 else 0
-            readings.append(Reading(address=address, error=str(exc)))
-            continue
-        if pending and (telegram.address, telegram.id) != (pending[0].address, pending[0].id):
-            readings.append(Reading(pending[0].address, merge_telegrams(pending)))
-            pending = []
-        pending.append(telegram)
-        if not telegram.more_records_follow or len(pending) >= MAX_TELEGRAMS:
-            readings.append(Reading(pending[0].address, merge_telegrams(pending)))
-            pending = []
-    if pending:
-        readings.append(Reading(pending[0].address, merge_telegrams(pending)))
-    return readings
-
-
 def _emit(text: str, output: str) -> None:
     if output == "-":
         sys.stdout.write(text)
@@ -2112,12 +2106,15 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
 
     if decode_file is not None:
         try:
-            readings = readings_from_frames(split_frames(_read_hex(decode_file)))
+            readings = readings_from_frames(split_frames(parse_hex(decode_file.read())))
         except FrameError as exc:
             _fail(f"{getattr(decode_file, 'name', '-')}: {exc}")
             sys.exit(1)
         except OSError as exc:
             _fail(f"cannot read {getattr(decode_file, 'name', '-')}: {exc.strerror or exc}")
+            sys.exit(1)
+        except UnicodeDecodeError:
+            _fail(f"{getattr(decode_file, 'name', '-')}: not hex text")
             sys.exit(1)
     elif scan:
         sys.exit(_scan(port, baudrate, timeout, retries, log))
@@ -2164,15 +2161,14 @@ def _scan(port, baudrate, timeout, retries, log) -> int:
     found = []
     try:
         bus = Bus(serial_port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
-        probe = Bus(serial_port, baudrate=baudrate, timeout=timeout, retries=0, log=log)
         with click.progressbar(range(251), label="Scanning", file=sys.stderr) as addresses:
             for address in addresses:
-                try:
-                    probe._ack(snd_nke(address), "SND_NKE")
-                    telegram = bus.read(address)
-                except BusError:
+                if not bus.ping(address):
                     continue
-                found.append(telegram)
+                try:
+                    found.append(bus.read(address))
+                except BusError as exc:
+                    _fail(f"address {address} answered SND_NKE but not REQ_UD2: {exc}")
     finally:
         serial_port.close()
     for t in found:
