@@ -185,6 +185,16 @@ def test_bad_file_one_line_exit_1_no_output(tmp_path, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name]
 
 
+def test_binary_file_is_one_clean_error(tmp_path):
+    bad = tmp_path / "binary.hex"
+    bad.write_bytes(b"\x68\xff\xfe\x00\x80 not text")
+    out = tmp_path / "kamstrup.prom"
+    result = run_tool("--decode", str(bad), "--output", str(out))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"kamstrup_textfile: {bad}: not hex text"]
+    assert not out.exists()
+
+
 def test_bad_checksum_message_names_the_checksum(tmp_path):
     bad = tmp_path / "bad.hex"
     bad.write_text(BAD_FILES["bad_checksum"])
