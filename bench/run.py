@@ -121,7 +121,7 @@ def one_read(runs: int, pmb: str | None) -> list:
             ],  # fmt: skip
         ),
         (
-            "kamstrup-textfile --once (installed module)",
+            "kamstrup-textfile --once (module, byte code cached)",
             lambda p: [
                 sys.executable,
                 "-c",
