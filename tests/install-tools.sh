@@ -24,6 +24,7 @@ PACKAGES=(
 	python3-click
 	python3-pytest
 	python3-hypothesis
+	time # GNU time: peak RSS in bench/run.py (tests/test_bench.py)
 )
 
 export DEBIAN_FRONTEND=noninteractive
@@ -48,7 +49,7 @@ apt-get install -y --no-install-recommends \
 	"${PACKAGES[@]}"
 
 missing=0
-for tool in promtool systemd-analyze udevadm /usr/bin/prometheus-node-exporter /usr/bin/python3; do
+for tool in promtool systemd-analyze udevadm /usr/bin/prometheus-node-exporter /usr/bin/python3 /usr/bin/time; do
 	if ! command -v "$tool" >/dev/null 2>&1; then
 		echo "install-tools.sh: ERROR: $tool is still missing after apt-get install" >&2
 		missing=1
