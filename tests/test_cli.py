@@ -8,19 +8,16 @@ user sees.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from corpus import KAMSTRUP, LIBMBUS
+from tools import invoke, run_tool
 
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = str(ROOT / "kamstrup_textfile.py")
 
 # file -> (address, id, version, medium, access number, status), from corpus/kamstrup/README.md
 HEADERS = {
@@ -42,30 +39,6 @@ METER_KEYS = {
     "records",
 }
 RECORD_KEYS = {"storage", "tariff", "subunit", "function", "quantity", "unit", "value"}
-
-
-def runner() -> CliRunner:
-    """stdout and stderr apart, on click 8.1 (mix_stderr) and 8.2+ (always apart)."""
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
-def invoke(args, **kwargs):
-    return runner().invoke(kt.cli, args, catch_exceptions=False, **kwargs)
-
-
-def run_tool(*args, input=None, env=None, cwd=None):
-    return subprocess.run(
-        [sys.executable, TOOL, *args],
-        input=input,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=60,
-    )
 
 
 def decode_json(path: Path) -> dict:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 from corpus import KAMSTRUP
+from tools import TOOL
+from tools import run_tool as tool
 
 import kamstrup_sim as sim
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = str(ROOT / "kamstrup_textfile.py")
 SIM = str(ROOT / "kamstrup_sim.py")
 
 ENERGY_48 = 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n'
@@ -27,16 +28,6 @@ TEMPS_48 = (
     'kamstrup_temperature_celsius{meter="30303030",sensor="flow"} 29.3\n'
     'kamstrup_temperature_celsius{meter="30303030",sensor="return"} 28.2\n'
 )
-
-
-def tool(*args, env=None, timeout=120):
-    return subprocess.run(
-        [sys.executable, TOOL, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
 
 
 def stable(text: str) -> list:

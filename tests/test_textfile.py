@@ -22,14 +22,13 @@ from pathlib import Path
 
 import pytest
 import serial
-from click.testing import CliRunner
 from corpus import KAMSTRUP
+from tools import TOOL, invoke
 
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOL = str(ROOT / "kamstrup_textfile.py")
 HEAT_COOLING = KAMSTRUP / "multical303_heat_cooling.hex"
 HEAT = KAMSTRUP / "multical303_heat.hex"
 DROP_TO_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
@@ -111,17 +110,6 @@ def volatile(line: str) -> bool:
 
 
 # --- running the tool -------------------------------------------------------------------------
-
-
-def runner() -> CliRunner:
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
-
-
-def invoke(args, **kwargs):
-    return runner().invoke(kt.cli, args, catch_exceptions=False, **kwargs)
 
 
 def decode_to(path: Path, *frames: Path, labels=()) -> str:

@@ -55,3 +55,36 @@ def parse_exposition(text: str) -> list[tuple[str, str, float]]:
         assert m, f"not a sample line: {line!r}"
         samples.append((m.group(1), m.group(2) or "", float(m.group(3))))
     return samples
+
+
+TOOL = str(ROOT / "kamstrup_textfile.py")
+
+
+def cli_runner():
+    """A click CliRunner with stdout and stderr apart, on click 8.1 (mix_stderr) and 8.2+."""
+    from click.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:
+        return CliRunner()
+
+
+def invoke(args, **kwargs):
+    """Run the click command in-process; exceptions propagate (a traceback fails the test)."""
+    import kamstrup_textfile
+
+    return cli_runner().invoke(kamstrup_textfile.cli, args, catch_exceptions=False, **kwargs)
+
+
+def run_tool(*args, input=None, env=None, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+    """Run ``python3 kamstrup_textfile.py ARGS`` as a separate process."""
+    return subprocess.run(
+        [sys.executable, TOOL, *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
