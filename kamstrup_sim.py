@@ -102,6 +102,7 @@ class Meter:
     multi: bool = False  # answer in two telegrams, the first ending with DIF 0x1F
     disconnect_at: int | None = None  # close the line after this many bytes of the answer
     fail_first: int = 0  # stay silent on the first N requests (a sleepy battery meter)
+    application_error: int | None = None  # answer REQ_UD2 with CI 0x70 and this code
     selected: bool = False
     requests: list = field(default_factory=list)
     _next: int = 0
@@ -111,6 +112,8 @@ class Meter:
         return split_more_records(frame) if self.multi else [frame]
 
     def answer(self) -> bytes:
+        if self.application_error is not None:
+            return _long(bytes((0x08, self.address, 0x70, self.application_error)))
         telegrams = self.telegrams()
         frame = telegrams[min(self._next, len(telegrams) - 1)]
         self._next = (self._next + 1) % len(telegrams)

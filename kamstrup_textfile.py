@@ -499,7 +499,7 @@ FB_VIFES: dict = {
     **_scaled("energy", "J", 0x00, 2, -1, num=3600 * 10**6),  # 10^(n-1) MWh
     **_scaled("reactive_energy", "varh", 0x02, 2, 3),  # 10^n kvarh
     **_scaled("energy", "J", 0x08, 2, 8),  # 10^(n-1) GJ
-    **_scaled("energy", "J", 0x0C, 4, 5, num=41868),  # 10^(n-1) MCal (IT calorie)
+    **_scaled("energy", "J", 0x0C, 4, 1, num=41868),  # 10^(n-1) MCal; 1 MCal = 4186800 J
     **_scaled("volume", "m3", 0x10, 2, 2),
     **_scaled("mass", "kg", 0x18, 2, 5),  # 10^(n+2) t
     **_scaled("relative_humidity", "percent", 0x1A, 2, -1),
@@ -618,7 +618,7 @@ def _decode_date_g(data: bytes) -> str | None:
 
 
 def _iso_date(year: int, month: int, day: int) -> str | None:
-    if not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month):
+    if year > 99 or not 1 <= month <= 12 or not 1 <= day <= _days_in_month(year, month):
         return None
     return f"{2000 + year if year < 81 else 1900 + year:04d}-{month:02d}-{day:02d}"
 
@@ -690,10 +690,7 @@ def _scale(raw, num: int, den: int, offset=None):
         return float(raw_num * num) if den == 1 else (raw_num * num) / den
     from fractions import Fraction
 
-    exact = Fraction(raw_num, raw_den) * num / den
-    if offset is not None:
-        exact += offset
-    return float(exact)
+    return float(Fraction(raw_num, raw_den) * num / den + offset)
 
 
 def _fahrenheit_to_celsius(value: float) -> float:
@@ -1159,10 +1156,16 @@ def wire_seconds(nbytes: int, baudrate: int) -> float:
     return nbytes * BYTE_BITS / baudrate
 
 
+def slowest_answer(baudrate: int) -> float:
+    """The latest a slave may start its answer: 330 bit times + 50 ms (EN 13757-2)."""
+    return 330 / baudrate + 0.05
+
+
 class Bus:
     """An M-Bus master on a pyserial-like port (anything with ``read(n)`` and ``write(b)``).
 
-    ``timeout`` is how long a meter may stay silent before its answer starts; once a
+    ``timeout`` is how long a meter may stay silent before its answer starts (at least
+    330 bit times + 50 ms, EN 13757-2's limit for a slave); once a
     long frame's length byte is in, the rest gets its wire time on top.  The port's
     own read timeout should be short (READ_SLICE): this class keeps the deadline.
     """
@@ -1170,7 +1173,9 @@ class Bus:
     def __init__(self, port, *, baudrate=2400, timeout=1.0, retries=2, pause=0.1, log=None):
         self.port = port
         self.baudrate = baudrate
-        self.timeout = timeout
+        # Never less than the standard lets a slave take: an answer that came after we
+        # gave up would pass for the answer to the next request (another address's E5).
+        self.timeout = max(timeout, slowest_answer(baudrate))
         self.retries = retries
         self.pause = pause
         self.log = log
@@ -1265,6 +1270,8 @@ class Bus:
                 time.sleep(self.pause)
             try:
                 return action()
+            except ApplicationError as exc:  # the meter answered: asking again will not help
+                raise BusError(str(exc)) from None
             except (BusError, FrameError) as exc:
                 reason = str(exc)
                 if self.log:
@@ -1276,7 +1283,7 @@ class Bus:
         """SND_NKE to 253: only a meter that is still selected answers, so silence is fine."""
         frame = snd_nke(ADDRESS_SECONDARY)
         self._send(frame)
-        saved, self.timeout = self.timeout, min(self.timeout, 0.2)
+        saved, self.timeout = self.timeout, slowest_answer(self.baudrate)
         try:
             self._answer(frame, want_frame=False)
         except BusError:
@@ -1314,12 +1321,7 @@ class Bus:
                     raise BusError(f"answer from meter {telegram.id}, not {address}")
                 return telegram
 
-            try:
-                telegrams.append(self._attempts("REQ_UD2", once))
-            except BusError as exc:
-                if isinstance(exc.__context__, ApplicationError):
-                    raise BusError(str(exc.__context__)) from None
-                raise
+            telegrams.append(self._attempts("REQ_UD2", once))
             if not telegrams[-1].more_records_follow or len(telegrams) >= MAX_TELEGRAMS:
                 break
             fcb = not fcb
@@ -1466,6 +1468,9 @@ QUANTITY_NAMES = {
     "external_temperature": ("temperature_celsius", False, (("sensor", "external"),)),
     "temperature_difference": ("temperature_difference_kelvin", False, ()),
     "pressure": ("pressure_pascals", False, ()),
+    "reset_counter": ("resets", True, ()),
+    "cumulation_counter": ("cumulations", True, ()),
+    "meter_stop_count": ("meter_stops", True, ()),
     "date": ("date_timestamp_seconds", False, ()),
     "datetime": ("clock_timestamp_seconds", False, ()),
 }
@@ -1519,7 +1524,7 @@ HELP = {
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 RESERVED_LABELS = frozenset(
     ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
-     "manufacturer", "version", "medium", "vife", "record")
+     "manufacturer", "version", "medium", "vife", "record", "unit")
 )  # fmt: skip
 
 
@@ -1775,10 +1780,24 @@ def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) 
         when = last_success.get(str(reading.address))
         if when is not None:
             exp.add("last_success_timestamp_seconds", address, round(when, 3))
-    for reading in readings:
-        if reading.telegram is not None:
-            add_telegram(exp, reading.telegram, reading.address)
+    for reading in first_of_each_meter(readings):
+        add_telegram(exp, reading.telegram, reading.address)
     return exp.render()
+
+
+def first_of_each_meter(readings: Sequence[Reading]) -> list:
+    """The successful readings, one per meter: a meter reached at two addresses (254 and
+    its own, say) is exported once, so its series are not doubled."""
+    seen = set()
+    out = []
+    for reading in readings:
+        if reading.telegram is None:
+            continue
+        meter = meter_label(reading.telegram, reading.address)
+        if meter not in seen:
+            seen.add(meter)
+            out.append(reading)
+    return out
 
 
 _LAST_SUCCESS = re.compile(
@@ -2052,14 +2071,14 @@ def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
     type=click.FloatRange(0.05, 60),
     default=1.0,
     show_default=True,
-    help="Seconds a meter may take to start its answer.",
+    help="Seconds a meter may take to start its answer (never less than 330 bit times + 50 ms).",
 )
 @click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True)
 @click.option(
     "--output",
-    default=DEFAULT_OUTPUT,
-    show_default=True,
-    help="The .prom file to write atomically, or - for stdout.",
+    default=None,
+    help=f"The .prom file to write atomically, or - for stdout.  [default: {DEFAULT_OUTPUT}; "
+    "with --decode: -]",
 )
 @click.option(
     "--format",
@@ -2102,6 +2121,8 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
         what = "nothing to do" if not modes else f"{' and '.join(modes)} exclude each other"
         raise click.UsageError(f"{what}: give one of --once, --decode FILE or --scan")
     log = (lambda line: click.echo(line, err=True)) if verbose else None
+    if output is None:  # a decoded capture never replaces the live file unless asked to
+        output = "-" if decode_file is not None else DEFAULT_OUTPUT
     addresses = list(dict.fromkeys(addresses)) or [ADDRESS_ANY]
 
     if decode_file is not None:
@@ -2134,6 +2155,12 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
             for reading in readings:
                 if reading.error:
                     _fail(f"address {reading.address}: {reading.error}")
+            kept = {id(reading) for reading in first_of_each_meter(readings)}
+            for reading in readings:
+                if reading.telegram is not None and id(reading) not in kept:
+                    meter = meter_label(reading.telegram, reading.address)
+                    _fail(f"address {reading.address}: meter {meter} was read at another "
+                          "address too; its readings are written once")  # fmt: skip
     if decode_file is not None:
         for reading in readings:
             if reading.error:
@@ -2189,11 +2216,7 @@ def main() -> None:
         raise SystemExit(128 + signum)  # unwinds: temporary files are removed
 
     signal.signal(signal.SIGTERM, terminate)
-    try:
-        cli(prog_name=PROG)
-    except KeyboardInterrupt:
-        _fail("interrupted")
-        sys.exit(130)
+    cli(prog_name=PROG)  # click turns Ctrl-C into "Aborted!" and exit status 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ deadlines are measured in requests and slices, never with a wall clock.
 
 from __future__ import annotations
 
+import pytest
 import serial
 
 import kamstrup_sim as sim
@@ -360,3 +361,21 @@ def test_verbose_log_shows_frames():
     assert lines[1] == "< E5"
     assert lines[2] == "> 10 7B 30 AB 16"
     assert lines[3].startswith("< 68 88 88 68 08 30 72")
+
+
+def test_application_error_is_reported_at_once_not_retried():
+    meter = sim.Meter(address=48, application_error=8)
+    port = sim.FakePort(sim.SimulatedBus([meter]), timeout=0.001)
+    bus = kt.Bus(port, timeout=0.2, retries=2, pause=0)
+    with pytest.raises(kt.BusError) as caught:
+        bus.read(48)
+    assert str(caught.value) == "meter reports an application error: application busy"
+    requests = [frame for frame in meter.requests if frame[1] & 0xCF == 0x4B]
+    assert len(requests) == 1  # the meter answered: asking again would not help
+
+
+def test_timeout_is_never_below_the_standards_slowest_answer():
+    port = sim.FakePort(sim.SimulatedBus([]), timeout=0.001)
+    assert kt.Bus(port, baudrate=2400, timeout=0.05).timeout == 330 / 2400 + 0.05
+    assert kt.Bus(port, baudrate=38400, timeout=0.05).timeout == 330 / 38400 + 0.05
+    assert kt.Bus(port, baudrate=2400, timeout=1.0).timeout == 1.0

@@ -192,6 +192,7 @@ USAGE_ERRORS = {
     "label_bad_name": ["--once", "--label", "9bad=x"],
     "label_reserved": ["--once", "--label", "meter=x"],
     "label_no_equals": ["--once", "--label", "location"],
+    "label_unit": ["--once", "--label", "unit=x"],  # the tool's own label on some records
     "no_mode": [],
     "two_modes": ["--once", "--scan"],
     "format_unknown": ["--once", "--format", "xml"],
@@ -268,14 +269,14 @@ def test_env_port_baudrate_timeout_retries_output(fake_bus, tmp_path):
     env = {
         "KAMSTRUP_PORT": "socket://gateway.invalid:10001",
         "KAMSTRUP_BAUDRATE": "9600",
-        "KAMSTRUP_TIMEOUT": "0.07",
+        "KAMSTRUP_TIMEOUT": "0.3",
         "KAMSTRUP_RETRIES": "1",
         "KAMSTRUP_OUTPUT": str(out),
     }
     result = invoke(["--once"], env=env)
     assert result.exit_code == 1
     assert opened == [("socket://gateway.invalid:10001", 9600)]
-    assert "no answer within 0.07 s" in result.stderr
+    assert "no answer within 0.3 s" in result.stderr
     assert "after 2 tries" in result.stderr
     assert len(meters[0].requests) == 2
     assert 'kamstrup_up{address="254"} 0\n' in out.read_text()
@@ -366,3 +367,11 @@ def test_multiple_cli_labels_on_every_series():
     samples = [line for line in result.stdout.splitlines() if not line.startswith("#")]
     assert samples
     assert all('location="cellar",building="north"}' in line for line in samples)
+
+
+def test_decode_writes_to_stdout_unless_told(tmp_path):
+    """A decoded capture must never replace the live file by default."""
+    result = run_tool("--decode", str(KAMSTRUP / "multical403.hex"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'kamstrup_up{address="74"} 1\n' in result.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -88,6 +88,9 @@ IMPOSSIBLE_DATES = {
     ("siemens_water", 3): "2000-00-00",
     ("siemens_wfh21", 3): "2000-00-00",
     ("REL-Relay-Padpuls2", 1): "1900-01-00T00:00:00Z",
+    # year field 127 (all seven bits set, E1 F1): past the 0-99 a type F year can be;
+    # libmbus's century rule makes it 2027
+    ("landis+gyr_ultraheat_t230", 32): "2027-01-01T00:00:00Z",
 }
 
 # (b) Date and time (VIF 0x6D): libmbus appends "Z" (and ":00" seconds to a type F

@@ -220,17 +220,24 @@ def test_kamstrup_sim_echo_and_several_meters(tmp_path):
 
 
 def test_scan_over_tcp_finds_both_meters():
+    # Meters answer 50 ms late, as the standard allows: a probe must not give up before
+    # 330 bit times + 50 ms (at 38400 baud, 59 ms) even when --timeout is shorter, or the
+    # late E5 of meter 48 would pass for an answer of address 49.
     meters = [
-        sim.Meter(address=48, delay=0),
-        sim.Meter(address=133, ident="82937133", kind="303-heat", delay=0),
+        sim.Meter(address=48, delay=0.05),
+        sim.Meter(address=133, ident="82937133", kind="303-heat", delay=0.05),
     ]
     bus = sim.SimulatedBus(meters)
     line = sim.TcpLine(bus, pace=False)
     try:
-        result = tool("--scan", "--port", line.url, "--timeout", "0.05", "--retries", "0")
+        result = tool(
+            "--scan", "--port", line.url, "--baudrate", "38400", "--timeout", "0.05",
+            "--retries", "0",
+        )  # fmt: skip
     finally:
         line.close()
     assert result.returncode == 0, result.stderr
+    assert "answered SND_NKE but not REQ_UD2" not in result.stderr
     found = result.stdout.splitlines()
     assert len(found) == 2, result.stdout
     for text, (address, ident, medium) in zip(
