@@ -703,3 +703,12 @@ def test_last_success_kept_when_label_values_have_braces_quotes_and_newlines(tmp
     assert set(kept) == {"74"}
     failed = kt.exposition([kt.Reading(74, error="no answer")], labels, kept)
     assert f'{{address="74",note="a}}b \\"q\\" \\\\ c\\nd"}} {kept["74"]}' in failed
+
+
+def test_a_meter_reached_at_two_addresses_is_exported_once():
+    telegram = kt.decode_telegram(bytes.fromhex(sim.FRAMES["303"]))
+    text = kt.exposition([kt.Reading(254, telegram), kt.Reading(48, telegram)])
+    assert text.count("kamstrup_energy_joules_total{") == 1
+    assert 'kamstrup_up{address="254"} 1\n' in text
+    assert 'kamstrup_up{address="48"} 1\n' in text
+    assert "record=" not in text
