@@ -20,6 +20,7 @@ PACKAGES=(
 	systemd                  # systemd-analyze verify / security --offline
 	udev                     # udevadm verify for 10-usbports.rules
 	python3
+	python3-venv # the README's commands make a .venv (Debian's python3 needs this)
 	python3-serial
 	python3-click
 	python3-pytest
