@@ -8,13 +8,16 @@ the named lists below, with the reason, and the test asserts what we give instea
 from __future__ import annotations
 
 import re
-import struct
-from decimal import Decimal, localcontext
 from fractions import Fraction
 
 import pytest
 
 import kamstrup_textfile as k
+
+try:
+    from tools import shortest_float32_decimal
+except ImportError:  # pragma: no cover - when run as a package
+    from tests.tools import shortest_float32_decimal
 
 try:
     from corpus import LIBMBUS, frames, hex_bytes, norm_records, slave_information
@@ -161,30 +164,6 @@ def libmbus_hex2bin(text: str) -> bytes:
             break
         out.append(int(digits, 16))
     return bytes(out)
-
-
-def fits_float32(number: Decimal) -> bool:
-    """False when the decimal rounds beyond the largest float32 (struct would refuse it)."""
-    try:
-        struct.pack("<f", float(number))
-    except OverflowError:
-        return False
-    return True
-
-
-def shortest_float32_decimal(x: float) -> Decimal:
-    """The decimal with the fewest digits that reads back as the float32 ``x``."""
-    (x32,) = struct.unpack("<f", struct.pack("<f", x))
-    if x32 == 0:  # Decimal's rounding makes -0 into 0
-        return Decimal(0)
-    packed = struct.pack("<f", x32)
-    for digits in range(1, 10):
-        with localcontext() as ctx:
-            ctx.prec = digits
-            candidate = +Decimal(x32)
-        if fits_float32(candidate) and struct.pack("<f", float(candidate)) == packed:
-            return candidate
-    raise AssertionError(f"{x!r} is not a float32")
 
 
 def expected_datetime(record: k.Record, libmbus: str) -> str:

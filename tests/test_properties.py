@@ -11,13 +11,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import struct
-from decimal import Decimal, localcontext
 from fractions import Fraction
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kamstrup_textfile as k
+
+try:
+    from tools import shortest_float32_decimal
+except ImportError:  # pragma: no cover - when run as a package
+    from tests.tools import shortest_float32_decimal
 
 QUICK = settings(max_examples=300, deadline=None, database=None)
 MANY = settings(
@@ -181,27 +185,8 @@ def encode_datetime_f(moment: dt.datetime) -> bytes:
     return bytes((moment.minute, moment.hour | hundred_year << 5)) + encode_date_g(moment.date())
 
 
-def fits_float32(number: Decimal) -> bool:
-    """False when the decimal rounds beyond the largest float32 (struct would refuse it)."""
-    try:
-        struct.pack("<f", float(number))
-    except OverflowError:
-        return False
-    return True
-
-
 def shortest_float32(x32: float) -> Fraction:
-    """The decimal with the fewest significant digits that reads back as the float32."""
-    if x32 == 0:  # Decimal's rounding makes -0 into 0; the value is 0 either way
-        return Fraction(0)
-    packed = struct.pack("<f", x32)
-    for digits in range(1, 10):
-        with localcontext() as ctx:
-            ctx.prec = digits
-            candidate = +Decimal(x32)
-        if fits_float32(candidate) and struct.pack("<f", float(candidate)) == packed:
-            return Fraction(candidate)
-    raise AssertionError(x32)
+    return Fraction(shortest_float32_decimal(x32))
 
 
 @st.composite

@@ -88,3 +88,26 @@ def run_tool(*args, input=None, env=None, cwd=None, timeout=120) -> subprocess.C
         cwd=cwd,
         timeout=timeout,
     )
+
+
+def shortest_float32_decimal(x: float):
+    """The decimal (a Decimal) with the fewest significant digits that reads back as the
+    float32 nearest ``x``: what a meter sending a 32-bit real meant.  Written for the
+    tests on their own, with the decimal module, not the way the product does it."""
+    import struct
+    from decimal import Decimal, localcontext
+
+    (x32,) = struct.unpack("<f", struct.pack("<f", x))
+    if x32 == 0:  # Decimal's rounding makes -0 into 0; the value is 0 either way
+        return Decimal(0)
+    packed = struct.pack("<f", x32)
+    for digits in range(1, 10):
+        with localcontext() as ctx:
+            ctx.prec = digits
+            candidate = +Decimal(x32)
+        try:
+            if struct.pack("<f", float(candidate)) == packed:
+                return candidate
+        except OverflowError:  # rounded beyond the largest float32
+            continue
+    raise AssertionError(f"{x!r} is not a float32")
