@@ -1552,6 +1552,7 @@ def record_series(telegram: Telegram, record: Record):
     manufacturer = telegram.manufacturer
     counter = False
     labels: tuple = ()
+    named = {"manufacturer_specific"}  # modifiers the name below already says
     quantity = record.quantity
     if quantity in ("date", "datetime"):
         if not isinstance(value, str):
@@ -1575,6 +1576,7 @@ def record_series(telegram: Telegram, record: Record):
             or (manufacturer == "KAM" and record.manufacturer_vife == b"\x02")
         ):
             base = "cooling_energy_joules"  # E3: 86 3C, or Kamstrup's 86 FF 02
+            named.add("negative_accumulation")
     else:
         suffix = UNIT_SUFFIXES.get(record.unit, _metric_part(record.unit))
         base = _metric_part(quantity)
@@ -1582,12 +1584,7 @@ def record_series(telegram: Telegram, record: Record):
             base = f"{base}_{suffix}"
         if record.text_unit:
             labels = (("unit", record.text_unit),)
-    extra = [
-        m
-        for m in record.modifiers
-        if m not in ("negative_accumulation", "manufacturer_specific")
-        and not m.startswith("correction_")
-    ]
+    extra = [m for m in record.modifiers if m not in named and not m.startswith("correction_")]
     mvife = record.manufacturer_vife
     if mvife and quantity != "manufacturer_specific":
         if not (manufacturer == "KAM" and (quantity, mvife) in KAMSTRUP_QUALIFIERS):
@@ -1599,10 +1596,8 @@ def record_series(telegram: Telegram, record: Record):
     )
     if extra:  # qualified in a way we have no name for (limits, per-unit, ...): kept apart
         base = "register_" + FUNCTION_PREFIXES[record.function] + _metric_part(quantity)
-        qualifiers = (("vife", ",".join(extra)),)
-        if not record.text_unit:
-            qualifiers += (("unit", record.unit),)
-        return base, False, position + labels[:1] * bool(record.text_unit) + qualifiers, value
+        qualifiers = (("vife", ",".join(extra)), ("unit", record.text_unit or record.unit))
+        return base, False, position + qualifiers, value
     if record.function in ("maximum", "minimum"):
         counter = False
     base = FUNCTION_PREFIXES[record.function] + base

@@ -45,3 +45,15 @@ def test_reset_counter_is_a_counter_named_without_counter():
     )
     base, counter, labels, value = kt.record_series(telegram, telegram.records[0])
     assert (base, counter, value) == ("resets", True, 7)
+
+
+def test_negative_accumulation_of_a_volume_is_not_the_volume_counter():
+    """Only energy turns 0x3C into a name (cooling energy); elsewhere it stays apart."""
+    telegram = kt.decode_telegram(
+        kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("0494 3C 01000000".replace(" ", "")))
+    )
+    base, counter, labels, value = kt.record_series(telegram, telegram.records[0])
+    assert base == "register_volume"
+    assert counter is False
+    assert ("vife", "negative_accumulation") in labels
+    assert ("unit", "m3") in labels
