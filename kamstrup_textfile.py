@@ -1897,8 +1897,22 @@ def write_atomic(path: str, text: str) -> None:
     A temporary file in the same directory (its name does not end in .prom, so
     node_exporter ignores it), mode 0644, flushed and fsynced, renamed over the
     target, then the directory fsynced.  Any failure removes the temporary file.
+    A link is followed (its target is replaced, not the link); anything but a regular
+    file (a device such as /dev/null, a directory) is refused, never replaced.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    import stat
+
+    path = os.path.realpath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise OutputError(f"{path} is not a regular file (use --output - for stdout)")
+    _remove_stale_temporaries(path)
+    directory = os.path.dirname(path)
     base = os.path.basename(path)
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
     data = text.encode("utf-8")
@@ -2023,7 +2037,6 @@ def _emit(text: str, output: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    _remove_stale_temporaries(output)
     write_atomic(output, text)
 
 
@@ -2132,34 +2145,22 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
         except UnicodeDecodeError:
             _fail(f"{getattr(decode_file, 'name', '-')}: not hex text")
             sys.exit(1)
+        _report(readings)
     elif scan:
         sys.exit(_scan(port, baudrate, timeout, retries, log))
     else:
         try:
             serial_port = open_port(port, baudrate)
-        except BusError as exc:
-            serial_port = None
-            readings = [Reading(a, error=str(exc)) for a in addresses]
+        except BusError as exc:  # one line for the port, not one per address
             _fail(str(exc))
-        if serial_port is not None:
+            readings = [Reading(a, error=str(exc)) for a in addresses]
+        else:
             try:
                 readings = read_meters(serial_port, addresses, baudrate=baudrate,
                                        timeout=timeout, retries=retries, log=log)  # fmt: skip
             finally:
                 serial_port.close()
-            for reading in readings:
-                if reading.error:
-                    _fail(f"address {reading.address}: {reading.error}")
-            kept = {id(reading) for reading in first_of_each_meter(readings)}
-            for reading in readings:
-                if reading.telegram is not None and id(reading) not in kept:
-                    meter = meter_label(reading.telegram, reading.address)
-                    _fail(f"address {reading.address}: meter {meter} was read at another "
-                          "address too; its readings are written once")  # fmt: skip
-    if decode_file is not None:
-        for reading in readings:
-            if reading.error:
-                _fail(f"address {reading.address}: {reading.error}")
+            _report(readings)
 
     if fmt == "json":
         text = render_json(readings)
@@ -2172,6 +2173,18 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
         _fail(str(exc))
         sys.exit(1)
     sys.exit(1 if any(r.error for r in readings) else 0)
+
+
+def _report(readings: Sequence[Reading]) -> None:
+    """One line on stderr for each meter that failed, or that was read twice."""
+    kept = {id(reading) for reading in first_of_each_meter(readings)}
+    for reading in readings:
+        if reading.error:
+            _fail(f"address {reading.address}: {reading.error}")
+        elif id(reading) not in kept:
+            meter = meter_label(reading.telegram, reading.address)
+            _fail(f"address {reading.address}: meter {meter} was read at another "
+                  "address too; its readings are written once")  # fmt: skip
 
 
 def _scan(port, baudrate, timeout, retries, log) -> int:

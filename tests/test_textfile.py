@@ -712,3 +712,23 @@ def test_a_meter_reached_at_two_addresses_is_exported_once():
     assert 'kamstrup_up{address="254"} 1\n' in text
     assert 'kamstrup_up{address="48"} 1\n' in text
     assert "record=" not in text
+
+
+def test_output_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path):
+    """--output /dev/null (or a directory) must never be replaced by a regular file."""
+    fifo = tmp_path / "a-fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(kt.OutputError, match="not a regular file"):
+        kt.write_atomic(str(fifo), "kamstrup_up 1\n")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-fifo"]
+
+
+def test_output_through_a_link_replaces_the_target_and_keeps_the_link(tmp_path):
+    real = tmp_path / "real.prom"
+    real.write_text("old\n")
+    link = tmp_path / "kamstrup.prom"
+    link.symlink_to(real)
+    kt.write_atomic(str(link), "kamstrup_up 1\n")
+    assert link.is_symlink()
+    assert real.read_text() == "kamstrup_up 1\n"
