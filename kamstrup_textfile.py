@@ -78,7 +78,8 @@ def req_ud2(address: int, fcb: bool) -> bytes:
 def select_secondary(secondary: str) -> bytes:
     """SND_UD to 253 that selects the meter whose identification number is ``secondary``.
 
-    Manufacturer, version and medium are wildcards (FF FF, FF, FF).
+    An F digit is a wildcard (EN 13757-3's search); manufacturer, version and medium are
+    wildcards too (FF FF, FF, FF).
     """
     ident = bytes.fromhex(secondary)[::-1]
     return long_frame(C_SND_UD, ADDRESS_SECONDARY, 0x52, ident + b"\xff\xff\xff\xff")
@@ -1163,7 +1164,7 @@ PORT_ERRORS = (OSError, _TermiosError)  # pyserial's SerialException is an OSErr
 
 BYTE_BITS = 11  # 8E1: start, 8 data, parity, stop
 MAX_TELEGRAMS = 16  # "more records follow" is followed at most this often
-READ_SLICE = 0.05  # seconds a single port read may block; the deadline is ours
+READ_SLICE = 0.005  # seconds a single port read may block; the deadline is ours
 STALL = 0.2  # seconds an answer that has begun may pause on top of its bytes' wire time
 LONGEST_ANSWER = 261  # bytes: 68 L L 68, 255 bytes of body, CS 16
 
@@ -1208,6 +1209,7 @@ class Bus:
     def __init__(self, port, *, baudrate=2400, timeout=1.0, retries=2, pause=0.1, log=None):
         self.port = port
         self.baudrate = baudrate
+        self.asked = timeout  # what the user asked for; the standard's limit may be more
         # Never less than the standard lets a slave take: an answer that came after we
         # gave up would pass for the answer to the next request (another address's E5).
         self.timeout = max(timeout, slowest_answer(baudrate))
@@ -1217,6 +1219,16 @@ class Bus:
         self.clock = time.monotonic
         self._deadline = 0.0  # the answer to the last request must have begun by then
         self._last = 0.0  # when the last byte came
+        self.sent_at = 0.0  # when the last request had left
+        self.heard = 0  # bytes received so far: more after a failure means garbled, not silent
+
+    def set_baudrate(self, baudrate: int) -> None:
+        """Talk at another rate from now on (only a change reconfigures the port: a pty
+        refuses a configuration that changes nothing it keeps)."""
+        if baudrate != self.baudrate:
+            self._io("setting the baud rate", setattr, self.port, "baudrate", baudrate)
+            self.baudrate = baudrate
+            self.timeout = max(self.asked, slowest_answer(baudrate))
 
     # -- raw I/O ---------------------------------------------------------
 
@@ -1242,8 +1254,9 @@ class Bus:
         # The slave's time starts once the request has left; its answer's first byte is
         # in once its own 11 bits are.  (flush() waits for the wire on a real UART, not
         # on a pty or a USB adapter: counting the request again costs a few ms at most.)
-        wire = wire_seconds(len(frame) + 1, self.baudrate)
-        self._deadline = self.clock() + wire + (self.timeout if timeout is None else timeout)
+        self.sent_at = self.clock() + wire_seconds(len(frame), self.baudrate)
+        window = self.timeout if timeout is None else timeout
+        self._deadline = self.sent_at + wire_seconds(1, self.baudrate) + window
 
     def _fill(self, buf: bytearray, n: int) -> bool:
         """Read until ``buf`` holds ``n`` bytes; False when they do not come in time."""
@@ -1257,6 +1270,7 @@ class Bus:
             chunk = self._io("reading", self.port.read, n - len(buf))
             if chunk:
                 buf += chunk
+                self.heard += len(chunk)
                 self._last = self.clock()
         return True
 
@@ -1274,6 +1288,7 @@ class Bus:
                 if first == request[0]:  # perhaps our own request, echoed by the adapter
                     if self._fill(buf, len(request)) and buf[: len(request)] == request:
                         self._trace("echo", buf[: len(request)])
+                        self.heard -= len(request)
                         del buf[: len(request)]
                         continue
                 if first == ACK and not want_frame:
@@ -1298,12 +1313,11 @@ class Bus:
                 self._trace("<", buf)
             raise
 
-    def _quiet(self) -> None:
-        """Wait until the line has been quiet for ``pause`` (and a few bytes' time).
-
-        Whatever comes meanwhile (the rest of a cut-off answer, a late one) is dropped.
-        A line that never stops talking is given up on after the longest answer's time.
-        """
+    def quiet(self) -> int:
+        """Wait until the line has been quiet for ``pause`` (and a few bytes' time);
+        returns how many bytes came meanwhile (the rest of a cut-off answer, a late one),
+        which are dropped.  A line that never stops is given up on after the longest
+        answer's time."""
         quiet = max(self.pause, wire_seconds(4, self.baudrate))
         start = last = self.clock()
         give_up = start + quiet + 2 * wire_seconds(LONGEST_ANSWER, self.baudrate) + STALL
@@ -1318,6 +1332,14 @@ class Bus:
                 last = self.clock()
         if dropped:
             self._trace("late", dropped)
+        return len(dropped)
+
+    def pending(self) -> int:
+        """Bytes that have come since the last answer was taken (a late answer)."""
+        waiting = getattr(self.port, "in_waiting", None)
+        if waiting is None:
+            return 0
+        return self._io("reading", getattr, self.port, "in_waiting")
 
     def _trace(self, what: str, data) -> None:
         if self.log:
@@ -1330,7 +1352,7 @@ class Bus:
         reason = ""
         for attempt in range(1 + self.retries):
             if attempt:
-                self._quiet()
+                self.quiet()
             try:
                 return action()
             except PortError:  # the port itself: asking again will not help
@@ -1365,17 +1387,35 @@ class Bus:
     def read(self, address: int | str) -> Telegram:
         """Read one meter: a primary address (0-250, 254) or an 8-digit secondary address.
 
+        A meter read by secondary address is deselected afterwards (SND_NKE to 253), so
+        that none stays selected.  At 254, answers that collide (several meters answer
+        at once) are a failed read that says so, never one meter's reading.
+        """
+        if isinstance(address, str):
+            self._deselect()
+            self._ack(select_secondary(address), f"selecting secondary address {address}")
+            try:
+                return self.read_data(ADDRESS_SECONDARY, secondary=address)
+            finally:
+                self._deselect()
+        self._ack(snd_nke(address), "SND_NKE")
+        if address != ADDRESS_ANY:
+            return self.read_data(address)
+        heard = self.heard
+        try:
+            return self.read_data(address)
+        except BusError as exc:  # garbled on every try: answers that collide
+            if isinstance(exc, PortError) or self.heard == heard or "no answer" in str(exc):
+                raise
+            raise BusError(f"{SEVERAL_AT_254} ({exc})") from None
+
+    def read_data(self, target: int, secondary: str | None = None) -> Telegram:
+        """REQ_UD2 to ``target`` until the meter has said all (SND_NKE or a selection first).
+
         "More records follow" is followed with the FCB toggled, a retry keeps the FCB (so
         the meter sends the same telegram again); a meter that answers a toggled FCB
         with the telegram it sent before, or that never stops, is a failed read.
         """
-        if isinstance(address, str):
-            target = ADDRESS_SECONDARY
-            self._deselect()
-            self._ack(select_secondary(address), f"selecting secondary address {address}")
-        else:
-            target = address
-            self._ack(snd_nke(address), "SND_NKE")
         telegrams: list = []
         fcb = True  # after SND_NKE the first REQ_UD2 carries FCB=1
         while True:
@@ -1386,8 +1426,8 @@ class Bus:
                 telegram = decode_telegram(self._answer(request, want_frame=True))
                 if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and telegram.address != target:
                     raise BusError(f"answer from address {telegram.address}, not {target}")
-                if isinstance(address, str) and telegram.id != address:
-                    raise BusError(f"answer from meter {telegram.id}, not {address}")
+                if secondary is not None and telegram.id != secondary:
+                    raise BusError(f"answer from meter {telegram.id}, not {secondary}")
                 return telegram
 
             telegram = self._attempts("REQ_UD2", once)
@@ -1405,17 +1445,196 @@ class Bus:
                 )
             fcb = not fcb
 
-    def ping(self, address: int) -> bool:
-        """Whether a meter at this primary address answers SND_NKE (one try: for --scan)."""
-        frame = snd_nke(address)
-        self._send(frame)
+    # -- probes, for the scans -----------------------------------------------
+
+    def _probe(self, frame: bytes, window: float | None) -> str:
+        """One request, one try: "ack" (a clean E5), "garbled" (bytes, but no E5: several
+        answered out of step) or "silent"."""
+        heard = self.heard
+        self._send(frame, timeout=window)
         try:
             self._answer(frame, want_frame=False)
         except PortError:
             raise
         except BusError:
-            return False
-        return True
+            return "garbled" if self.heard > heard else "silent"
+        return "ack"
+
+    def probe(self, address: int, window: float | None = None) -> str:
+        """SND_NKE to a primary address, one try (see _probe)."""
+        return self._probe(snd_nke(address), window)
+
+    def select(self, mask: str) -> str:
+        """Select by secondary address ``mask`` (8 digits, F for any) with any manufacturer,
+        version and medium; one try (see _probe)."""
+        return self._probe(select_secondary(mask), None)
+
+    def ping(self, address: int) -> bool:
+        """Whether a meter at this primary address answers SND_NKE (one try)."""
+        return self.probe(address) == "ack"
+
+
+SEVERAL_AT_254 = "several meters answered at 254: give each its --address, see --scan"
+
+
+class Found(_Plain):
+    """A meter a scan found: its reading, and the rate it answered at."""
+
+    __slots__ = ("telegram", "baudrate")
+
+    def __init__(self, telegram: Telegram, baudrate: int):
+        self.telegram = telegram
+        self.baudrate = baudrate
+
+
+PRIMARY_ADDRESSES = range(251)
+LATE_WINDOW = 1.0  # seconds a re-probe waits for a meter that answered after the window
+
+
+def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None) -> list:
+    """Probe each primary address with SND_NKE (one try, the standard's window) and
+    confirm each answer on a quiet line with a REQ_UD2 whose answer carries the address.
+
+    A byte that comes after its probe's window (waiting before the next probe, or an E5
+    whose REQ_UD2 stays unanswered) is never credited to a later address: the addresses
+    probed just before are probed again with a longer window, nearest first.  A
+    collision (several meters at one address: garbage where a frame should be) is
+    reported through ``note``, never as a meter.
+    """
+    note = note or (lambda text: None)
+    found: dict = {}  # address -> Found
+    probed: list = []  # (address, when its probe was sent), in order
+    for done, address in enumerate(addresses, 1):
+        if bus.pending():  # came after the previous probe's window
+            _find_late(bus, probed, found, note)
+        result = bus.probe(address)
+        probed.append((address, bus.sent_at))
+        if result != "silent":
+            outcome, late = _confirm(bus, address)
+            if isinstance(outcome, Telegram):
+                found[address] = Found(outcome, bus.baudrate)
+            elif outcome == "collision":
+                note(f"address {address}: {COLLISION}")
+            if outcome == "silent" or (late and outcome != "collision"):  # a late answer
+                _find_late(bus, probed[:-1], found, note, also=address)
+        if progress:
+            progress(done, len(found))
+    return [found[address] for address in sorted(found)]
+
+
+COLLISION = (
+    "several meters answered at once (a collision): give them addresses of their own, "
+    "or find them with --scan-secondary"
+)
+
+
+def _confirm(bus: Bus, address: int) -> tuple:
+    """After an E5 (or garbage) at ``address``: (its reading, "collision" or "silent",
+    and how many bytes came after the E5 before the line was quiet)."""
+    late = bus.quiet()  # the rest of what answered must be over first
+    heard = bus.heard
+    try:
+        return bus.read_data(address), late
+    except PortError:
+        raise
+    except BusError:
+        return ("collision" if bus.heard > heard else "silent"), late
+
+
+def _find_late(bus: Bus, probed: list, found: dict, note, also=None) -> None:
+    """A meter answered after its window: probe again, nearest first, the addresses
+    probed within LATE_WINDOW before, with that window; stop at the first that answers."""
+    bus.quiet()
+    now = bus.clock()
+    recent = [a for a, when in reversed(probed) if now - when <= LATE_WINDOW + bus.timeout]
+    candidates = ([also] if also is not None else []) + recent
+    for address in candidates:
+        if address in found:
+            continue
+        if bus.probe(address, window=LATE_WINDOW) != "ack":
+            continue
+        delay = bus._last - bus.sent_at
+        saved, bus.timeout = bus.timeout, max(bus.timeout, LATE_WINDOW)
+        try:
+            outcome, _ = _confirm(bus, address)
+        finally:
+            bus.timeout = saved
+        if isinstance(outcome, Telegram):
+            found[address] = Found(outcome, bus.baudrate)
+            enough = math.ceil(delay * 10 + 1) / 10  # the delay and 0.1 s to spare
+            note(f"address {address} answered {delay:.2f} s after the request, after the "
+                 f"{bus.timeout:.3g} s window: try --timeout {enough:g}")  # fmt: skip
+            return
+    note("a meter answered after the window and could not be found again: try --timeout 1")
+
+
+def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
+    """Every meter by identification number: EN 13757-3's wildcard search.
+
+    Select with the digits fixed so far and F for the rest (manufacturer, version and
+    medium FF): silence, none there; an E5 whose REQ_UD2 to 253 brings one clean frame,
+    one meter; garbage (or an E5 whose REQ_UD2 brings garbage), a collision: fix the next
+    digit and go deeper.  Deselects at the end.  Returns (found, number of probes).
+    """
+    note = note or (lambda text: None)
+    found: list = []
+    probes = [0]
+
+    def probe(mask: str):
+        probes[0] += 1
+        result = bus.select(mask)
+        if result == "silent":
+            return None
+        if result == "ack":
+            heard = bus.heard
+            try:
+                telegram = bus.read_data(ADDRESS_SECONDARY)
+            except PortError:
+                raise
+            except BusError:
+                if bus.heard == heard:
+                    return None
+            else:
+                if all(m in ("F", d) for m, d in zip(mask, telegram.id or "")):
+                    return telegram
+        bus.quiet()
+        return "collision"
+
+    def search(prefix: str) -> None:
+        for digit in "0123456789":
+            mask = (prefix + digit).ljust(8, "F")
+            outcome = probe(mask)
+            if isinstance(outcome, Telegram):
+                found.append(Found(outcome, bus.baudrate))
+            elif outcome == "collision":
+                if len(prefix) == 7:
+                    note(f"several meters share the id {mask}: tell them apart by primary "
+                         "address (--scan)")  # fmt: skip
+                else:
+                    search(prefix + digit)
+            if progress:
+                progress(probes[0], len(found))
+
+    try:
+        outcome = probe("FFFFFFFF")
+        if isinstance(outcome, Telegram):
+            found.append(Found(outcome, bus.baudrate))
+        elif outcome == "collision":
+            search("")
+    finally:
+        bus._deselect()
+    return found, probes[0]
+
+
+def rates_in_use(bus: Bus, rates) -> list:
+    """The rates at which something answers SND_NKE to 254 (cleanly or garbled)."""
+    using = []
+    for rate in rates:
+        bus.set_baudrate(rate)
+        if bus.probe(ADDRESS_ANY) != "silent":
+            using.append(rate)
+        bus.quiet()
+    return using
 
 
 def _same_reading(a: Telegram, b: Telegram) -> bool:
@@ -2188,7 +2407,7 @@ def _pid_alive(pid: int) -> bool:
 
 import click  # noqa: E402  (kept here: the layers above do not need it)
 
-PROG = "kamstrup_textfile"
+PROG = "kamstrup-textfile"  # the name when click cannot tell how we were invoked
 DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/kamstrup.prom"
 
 
@@ -2214,6 +2433,25 @@ class AddressType(click.ParamType):
             param,
             ctx,
         )
+
+
+AUTO_RATES = (2400, 9600, 300)  # --baudrate auto tries these, in this order
+
+
+class BaudrateType(click.ParamType):
+    """A baud rate 300-38400, or "auto" (try 2400, 9600 and 300)."""
+
+    name = "rate|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and 300 <= int(text) <= 38400:
+            return int(text)
+        self.fail(f"{value!r} is not a baud rate from 300 to 38400, nor auto", param, ctx)
 
 
 class LabelType(click.ParamType):
@@ -2262,8 +2500,14 @@ def _stdout(text: str) -> None:
         raise OutputError(f"cannot write to standard output: {_reason(exc)}") from None
 
 
+def _prog() -> str:
+    """The command's name as it was invoked (kamstrup-textfile, kamstrup_textfile.py)."""
+    ctx = click.get_current_context(silent=True)
+    return (ctx.find_root().info_name if ctx else None) or PROG
+
+
 def _fail(message: str) -> None:
-    click.echo(f"{PROG}: {message}", err=True)
+    click.echo(f"{_prog()}: {message}", err=True)
 
 
 def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list:
@@ -2272,7 +2516,10 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list
     A port that fails (an adapter unplugged or reset) fails the meter being read; it
     is opened anew for the next one, and when that fails too, the meters left get that
     error.  A meter that stays silent while another program has the port open is told so.
+    With ``baudrate`` "auto" each meter is read at the first rate it answers at (the
+    rate the meter before answered at first).
     """
+    rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
     readings = []
     bus = None
     port_error = None
@@ -2280,23 +2527,22 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list
         start = time.monotonic()
         if bus is None and port_error is None:
             try:
-                port = open_port(url, baudrate)
+                port = open_port(url, rates[0])
             except BusError as exc:
                 port_error = str(exc)
             else:
-                bus = Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
+                bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
         if port_error is not None:
             readings.append(Reading(address, error=port_error, port=True))
             continue
         try:
-            telegram = bus.read(address)
+            telegram = _read_at_some_rate(bus, address, rates, log)
             readings.append(Reading(address, telegram, duration=time.monotonic() - start))
         except BusError as exc:
-            error = str(exc)
             if isinstance(exc, PortError):
                 _close(bus.port)
                 bus = None
-            readings.append(Reading(address, error=error, duration=time.monotonic() - start))
+            readings.append(Reading(address, error=str(exc), duration=time.monotonic() - start))
     if bus is not None:
         _close(bus.port)
     if any(r.error and not r.port for r in readings):
@@ -2306,6 +2552,27 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list
                 if reading.error and not reading.port:
                     reading.error += f"; {url} is also open in {holders}, which may eat answers"
     return readings
+
+
+def _read_at_some_rate(bus: Bus, address, rates: list, log) -> Telegram:
+    """Read at the bus's rate, then at the others while the meter stays silent."""
+    order = [bus.baudrate] + [rate for rate in rates if rate != bus.baudrate]
+    for rate in order:
+        bus.set_baudrate(rate)
+        heard = bus.heard
+        try:
+            telegram = bus.read(address)
+        except BusError as exc:
+            if len(order) == 1 or bus.heard > heard or isinstance(exc, PortError):
+                raise
+            if rate == order[-1]:
+                rates_text = ", ".join(str(r) for r in order)
+                raise BusError(f"no answer at {rates_text} baud: {exc}") from None
+            continue
+        if log and len(rates) > 1:
+            log(f"address {address}: answered at {rate} baud")
+        return telegram
+    raise AssertionError("unreachable")
 
 
 def _close(port) -> None:
@@ -2320,11 +2587,11 @@ class _Command(click.Command):
     (see PROG --help)") and output that cannot be written said once, not as a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **kw):
+        name = prog_name or os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else PROG)
         try:
-            status = super().main(args, prog_name, complete_var, standalone_mode=False, **kw)
+            status = super().main(args, name, complete_var, standalone_mode=False, **kw)
         except click.UsageError as exc:
-            name = (exc.ctx.find_root().info_name if exc.ctx else None) or PROG
-            click.echo(f"{PROG}: {_one_line(exc.format_message())} (see {name} --help)",
+            click.echo(f"{name}: {_one_line(exc.format_message())} (see {name} --help)",
                        err=True)  # fmt: skip
             sys.exit(2)
         except click.ClickException as exc:
@@ -2338,14 +2605,20 @@ class _Command(click.Command):
                 _stdout("")
             except OutputError:
                 pass
-            click.echo(f"{PROG}: cannot write to standard output: {_reason(exc)}", err=True)
+            click.echo(f"{name}: cannot write to standard output: {_reason(exc)}", err=True)
             sys.exit(1)
         sys.exit(status or 0)
 
 
 @click.command(
+    "kamstrup-textfile",
     cls=_Command,
     context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100},
+    epilog="""\b
+Examples:
+  kamstrup-textfile --port /dev/ttyUSB0 --baudrate auto --scan   # find the meters
+  kamstrup-textfile --address 48 --once --output - -v            # one read, frames on stderr
+  kamstrup-textfile --decode capture.hex --format json           # decode saved frames""",
 )
 @click.option(
     "--port",
@@ -2353,7 +2626,14 @@ class _Command(click.Command):
     show_default=True,
     help="Serial device or pyserial URL (socket://host:port, rfc2217://...).",
 )
-@click.option("--baudrate", type=click.IntRange(300, 38400), default=2400, show_default=True)
+@click.option(
+    "--baudrate",
+    type=BaudrateType(),
+    default=2400,
+    show_default=True,
+    help="300-38400, or auto: try 2400, 9600 and 300 (with --once, each meter at the first "
+    "rate it answers at; with the scans, every rate where something answers).",
+)
 @click.option(
     "--address",
     "addresses",
@@ -2366,11 +2646,18 @@ class _Command(click.Command):
 @click.option(
     "--timeout",
     type=click.FloatRange(0.05, 60),
-    default=1.0,
-    show_default=True,
-    help="Seconds a meter may take to start its answer (never less than 330 bit times + 50 ms).",
+    default=None,
+    help="Seconds a meter may take to start its answer; never less than EN 13757-2's 330 "
+    "bit times + 50 ms (187.5 ms at 2400 baud).  [default: 1 with --once; that limit "
+    "with --scan and --scan-secondary]",
 )
-@click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 10),
+    default=2,
+    show_default=True,
+    help="Further tries of a request that got no answer or a garbled one, on a quiet line.",
+)
 @click.option(
     "--output",
     default=None,
@@ -2384,6 +2671,7 @@ class _Command(click.Command):
     type=click.Choice(["prom", "json"]),
     default="prom",
     show_default=True,
+    help="prom: node_exporter's text format; json: every record decoded.",
 )
 @click.option(
     "--label",
@@ -2401,22 +2689,41 @@ class _Command(click.Command):
     default=None,
     help="Decode hex frames from FILE (- for stdin) instead of reading the bus.",
 )
-@click.option("--scan", is_flag=True, help="Probe primary addresses 0-250 and list the meters.")
+@click.option(
+    "--scan",
+    is_flag=True,
+    help="Probe primary addresses 0-250 and list the meters that answer.",
+)
+@click.option(
+    "--scan-secondary",
+    is_flag=True,
+    help="Find every meter by identification number (EN 13757-3 wildcard search): also "
+    "meters that share a primary address.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
-@click.version_option(__version__, prog_name=PROG)
+@click.version_option(__version__)
 def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, decode_file,
-        scan, verbose):  # fmt: skip
+        scan, scan_secondary, verbose):  # fmt: skip
     """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
+
+    Give one of --once (read the meters, write the file: what the timer runs),
+    --scan or --scan-secondary (find the meters on a bus), or --decode FILE.
 
     Every option can also be set as KAMSTRUP_<OPTION> in the environment
     (KAMSTRUP_PORT, KAMSTRUP_ADDRESS="48 133", KAMSTRUP_LABEL="location=cellar").
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
-    modes = [name for name, on in (("--once", once), ("--decode", decode_file), ("--scan", scan))
-             if on]  # fmt: skip
+    modes = [
+        name
+        for name, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
+                         ("--scan-secondary", scan_secondary))
+        if on
+    ]  # fmt: skip
     if len(modes) != 1:
         what = "nothing to do" if not modes else f"{' and '.join(modes)} exclude each other"
-        raise click.UsageError(f"{what}: give one of --once, --decode FILE or --scan")
+        raise click.UsageError(
+            f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE"
+        )
     names = [name for name, _ in labels]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -2439,10 +2746,10 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
             _fail(f"{getattr(decode_file, 'name', '-')}: not hex text")
             sys.exit(1)
         _report(readings)
-    elif scan:
-        sys.exit(_scan(port, baudrate, timeout, retries, log))
+    elif scan or scan_secondary:
+        sys.exit(_scan(port, baudrate, timeout or 0.0, retries, log, secondary=scan_secondary))
     else:
-        readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout,
+        readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout or 1.0,
                                retries=retries, log=log)  # fmt: skip
         _report(readings)
 
@@ -2481,45 +2788,104 @@ def _report(readings: Sequence[Reading]) -> None:
                   "address too; its readings are written once")  # fmt: skip
 
 
-def _scan(port, baudrate, timeout, retries, log) -> int:
+def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
+    """--scan and --scan-secondary: one line per meter on stdout, then the settings for
+    /etc/default/kamstrup; collisions, late answers and progress on stderr."""
+    rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
     try:
-        serial_port = open_port(port, baudrate)
+        port = open_port(url, rates[0])
     except BusError as exc:
         _fail(str(exc))
         return 1
-    found = []
+    notes: list = []
+    found: list = []
     try:
-        bus = Bus(serial_port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
-        with click.progressbar(range(251), label="Scanning", file=sys.stderr) as addresses:
-            for address in addresses:
-                if not bus.ping(address):
-                    continue
-                try:
-                    found.append(bus.read(address))
-                except PortError:
-                    raise
-                except BusError as exc:
-                    _fail(f"address {address} answered SND_NKE but not REQ_UD2: {exc}")
+        bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
+        if len(rates) > 1:
+            rates = rates_in_use(bus, rates)
+            if not rates:
+                _fail(f"nothing answered at {', '.join(map(str, AUTO_RATES))} baud")
+                return 1
+        for rate in rates:
+            bus.set_baudrate(rate)
+            what = f"{rate} baud" if len(rates) > 1 or baudrate == "auto" else ""
+            if secondary:
+                with _Progress("probes", None, what) as progress:
+                    meters, probes = scan_secondary(bus, progress, notes.append)
+                if log:
+                    log(f"secondary search at {rate} baud: {probes} selections")
+            else:
+                with _Progress("addresses", len(PRIMARY_ADDRESSES), what) as progress:
+                    meters = scan_primary(bus, progress=progress, note=notes.append)
+            found += meters
     except PortError as exc:
         _fail(str(exc))
         return 1
     finally:
-        _close(serial_port)
+        _close(port)
+    for text in notes:
+        _fail(text)
+    lines = [
+        f"address {f.telegram.address}  id {f.telegram.id}  manufacturer "
+        f"{f.telegram.manufacturer}  version {f.telegram.version}  medium "
+        f"{f.telegram.medium_name}  baudrate {f.baudrate}\n"
+        for f in found
+    ]
+    if found:
+        ids = [f.telegram.id for f in found]
+        if secondary and len(set(ids)) == len(ids):
+            addresses = " ".join(ids)
+        else:
+            addresses = " ".join(str(f.telegram.address) for f in found)
+        used = sorted({f.baudrate for f in found})
+        lines.append(f'KAMSTRUP_ADDRESS="{addresses}"\n')
+        lines.append(f"KAMSTRUP_BAUDRATE={used[0] if len(used) == 1 else 'auto'}\n")
     try:
-        _stdout(
-            "".join(
-                f"address {t.address:3d}  id {t.id}  manufacturer {t.manufacturer}  "
-                f"version {t.version}  medium {t.medium_name}\n"
-                for t in found
-            )
-        )
+        _stdout("".join(lines))
     except OutputError as exc:
         _fail(str(exc))
         return 1
     if not found:
-        _fail("no meter answered on addresses 0-250")
+        where = "by secondary address" if secondary else "on addresses 0-250"
+        _fail(f"no meter answered {where}")
         return 1
-    return 0
+    return 1 if notes else 0
+
+
+class _Progress:
+    """click's progress bar on a terminal; elsewhere (a journal, a pipe) a line every
+    10 s, e.g. "scanned 120 of 251 addresses, 1 meter found"."""
+
+    EVERY = 10.0
+
+    def __init__(self, unit: str, total, what: str):
+        self.unit, self.total, self.what = unit, total, what
+        self.bar = None
+        self.done = 0
+        self.next_line = time.monotonic() + self.EVERY
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            label = f"Scanning {self.what}".strip()
+            self.bar = click.progressbar(length=self.total or 0, label=label, file=sys.stderr)
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, done: int, found: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        elif time.monotonic() >= self.next_line:
+            self.next_line = time.monotonic() + self.EVERY
+            of = f" of {self.total}" if self.total else ""
+            at = f" at {self.what}" if self.what else ""
+            meters = "meter" if found == 1 else "meters"
+            click.echo(f"scanned {done}{of} {self.unit}{at}, {found} {meters} found", err=True)
+        self.done = done
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
 
 
 def main() -> None:
@@ -2529,7 +2895,7 @@ def main() -> None:
         raise SystemExit(128 + signum)  # unwinds: temporary files are removed
 
     signal.signal(signal.SIGTERM, terminate)
-    cli(prog_name=PROG)  # click turns Ctrl-C into "Aborted!" and exit status 1
+    cli()  # named as invoked; click turns Ctrl-C into "Aborted!" and exit status 1
 
 
 if __name__ == "__main__":

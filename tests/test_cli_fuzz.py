@@ -147,7 +147,10 @@ def check(result, output, watched, before, leftovers, fmt) -> str | None:
         return None
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
-    text = result.stdout if output == "-" else Path(os.path.realpath(output)).read_text("utf-8")
+    if output == "-":
+        text = result.stdout
+    else:  # as bytes: read_text would turn a \r in a label value into a line break
+        text = Path(os.path.realpath(output)).read_bytes().decode("utf-8")
     if fmt == "json":
         assert json.loads(text)["meters"][0]["id"] == "30303030"
         return None

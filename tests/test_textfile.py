@@ -187,7 +187,8 @@ def run_as_nobody(open_dir: Path, *args):
 def one_error_line(stderr: str) -> str:
     lines = stderr.splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("kamstrup_textfile: ")
+    # named as invoked: the script run as a program, or the command in-process
+    assert lines[0].startswith(("kamstrup_textfile.py: ", "kamstrup-textfile: "))
     assert "Traceback" not in stderr
     return lines[0]
 
@@ -572,7 +573,7 @@ def test_busy_port_waits_then_fails(tmp_path):
     message = one_error_line(result.stderr)  # only said once the 10 s wait is over
     me = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
     assert message == (
-        f"kamstrup_textfile: port {line.path} is busy: another program has locked it "
+        f"kamstrup_textfile.py: port {line.path} is busy: another program has locked it "
         f"(open in {me} (pid {os.getpid()}))"
     )
 
