@@ -815,6 +815,8 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
     vib.manufacturer_vife = manufacturer
     if rest:
         _apply_vifes(vib, rest)
+    if quantity in _RAW_QUANTITIES:  # no unit, so no VIFE can scale it: the raw value
+        vib.unit, vib.num, vib.den, vib.offset = "", 1, 1, None
     if vib.unit == "degF":  # converted to degC as the value is read
         vib.unit = "degC"
         vib.fahrenheit = True
@@ -921,7 +923,8 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
     return _number(int.from_bytes(data, "little", signed=True), vib), pos
 
 
-_RAW_QUANTITIES = frozenset(("manufacturer_specific", "unknown"))  # no unit: kept unscaled
+# Quantities without a unit (a reserved code means nothing yet): the raw value, unscaled.
+_RAW_QUANTITIES = frozenset(("manufacturer_specific", "unknown", "reserved"))
 
 
 def _number(raw, vib: _Vib):
@@ -1519,12 +1522,13 @@ HELP = {
     "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone.",
     "register_date_timestamp_seconds": "Stored date (e.g. the target date), local midnight.",
     "manufacturer_register": "A manufacturer-specific register, raw value.",
+    "reserved_register": "A record whose VIF code EN 13757-3 still reserves, raw value.",
 }
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 RESERVED_LABELS = frozenset(
     ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
-     "manufacturer", "version", "medium", "vife", "record", "unit")
+     "manufacturer", "version", "medium", "vife", "vib", "record", "unit")
 )  # fmt: skip
 
 
@@ -1569,6 +1573,10 @@ def record_series(telegram: Telegram, record: Record):
         else:
             base = "manufacturer_register"
             labels = (("register", record.manufacturer_vife.hex() or "none"),)
+    elif quantity == "reserved":  # a code with no meaning yet: the raw value, by its VIB
+        base = "reserved_register"
+        labels = (("vib", record.vib.hex()),)
+        named.update(record.modifiers)  # the VIB label already says them
     elif quantity in QUANTITY_NAMES:
         base, counter, labels = QUANTITY_NAMES[quantity]
         if quantity == "energy" and (

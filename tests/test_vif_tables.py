@@ -11,6 +11,11 @@ import pytest
 
 import kamstrup_textfile as kt
 
+try:
+    from tools import invoke
+except ImportError:  # pragma: no cover - when run as a package
+    from tests.tools import invoke
+
 HEADER = bytes.fromhex("30303030 2D2C 40 04 00 00 0000".replace(" ", ""))
 
 
@@ -53,3 +58,17 @@ def test_a_reserved_code_keeps_its_raw_value_unscaled(hexes, vib, raw):
 def test_a_reserved_real32_is_the_number_sent():
     r = record("05 FB 86 73 0000C03F")  # 1.5 as a 32-bit real, correction 10^-3
     assert (r.quantity, r.value) == ("reserved", 1.5)
+
+
+def test_a_reserved_code_is_exported_raw_by_its_vif_bytes():
+    frame = kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("04FB8673E803000002FB40FEFF"))
+    text = kt.exposition([kt.Reading(48, kt.decode_telegram(frame))])
+    assert 'kamstrup_reserved_register{meter="30303030",vib="fb8673"} 1000\n' in text
+    assert 'kamstrup_reserved_register{meter="30303030",vib="fb40"} -2\n' in text
+    assert "# TYPE kamstrup_reserved_register gauge\n" in text
+
+
+def test_vib_is_a_label_the_tool_sets():
+    result = invoke(["--once", "--label", "vib=x"])
+    assert result.exit_code == 2
+    assert "'vib' is set by the tool itself" in result.stderr
