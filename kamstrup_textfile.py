@@ -441,7 +441,7 @@ FD_VIFES: dict = {
     **_single(0x16, "password", kind="id"),
     **_single(0x17, "error_flags", kind="bits"),
     **_single(0x18, "error_mask", kind="bits"),
-    **_single(0x19, "reserved"),
+    **_single(0x19, "security_key", kind="id"),  # EN 13757-3:2018
     **_single(0x1A, "digital_output", kind="bits"),
     **_single(0x1B, "digital_input", kind="bits"),
     **_single(0x1C, "baud_rate", "Bd"),
@@ -451,7 +451,7 @@ FD_VIFES: dict = {
     **_single(0x20, "first_storage_number"),
     **_single(0x21, "last_storage_number"),
     **_single(0x22, "storage_block_size"),
-    **_single(0x23, "reserved"),
+    **_single(0x23, "tariff_subunit_descriptor", kind="id"),  # 2018
     **_durations("storage_interval", 0x24),
     **_single(0x28, "storage_interval_months", "month"),
     **_single(0x29, "storage_interval_years", "year"),
@@ -464,8 +464,8 @@ FD_VIFES: dict = {
     **_single(0x38, "tariff_period_months", "month"),
     **_single(0x39, "tariff_period_years", "year"),
     **_single(0x3A, "dimensionless"),
-    **_single(0x3B, "reserved"),
-    **{code: ("reserved", "", "number", 1, 1) for code in range(0x3C, 0x40)},
+    **_single(0x3B, "wireless_mbus_container", kind="id"),  # 2018
+    **_durations("nominal_transmission_period", 0x3C),  # 2018
     **_scaled("voltage", "V", 0x40, 16, -9),
     **_scaled("current", "A", 0x50, 16, -12),
     **_single(0x60, "reset_counter"),
@@ -489,27 +489,56 @@ FD_VIFES: dict = {
     **{0x74: ("remaining_battery_life", "s", "number", 86400, 1)},
     **_single(0x75, "meter_stop_count"),
     **_single(0x76, "manufacturer_container", kind="id"),
+    # 0x77-0x7C reserved; 0x7D: the code is in the next VIFE (FD_FD_VIFES)
+}
+
+# VIF 0xFD, VIFE 0xFD: the second level of the main extension table (2018).
+FD_FD_VIFES: dict = {
+    **_single(0x00, "currently_selected_application", kind="id"),
+    **_single(0x02, "remaining_battery_life_months", "month"),
+    **_single(0x03, "remaining_battery_life_years", "year"),
 }
 
 _FT3 = 28316846592  # 1 ft3 = 0.028316846592 m3 (num, with den 10^12)
 _USGAL = 3785411784  # 1 US gallon = 0.003785411784 m3 (den 10^12)
 
-# VIF 0xFB: the first extension table (large units, non-SI units).
+# VIF 0xFB: the first extension table (large units, electricity, non-SI units), to
+# EN 13757-3:2018 (its Table 14).  Apparent and reactive energy stay in VAh and varh:
+# the meter's own unit family, never mistaken for (active) energy in J.  The 2018
+# edition dropped US gallons and degrees Fahrenheit (0x22-0x26, 0x58-0x67, 0x70-0x73)
+# without giving the codes another meaning: older meters still send them, so they keep
+# their earlier meaning here.  Codes not listed are reserved.
 FB_VIFES: dict = {
     **_scaled("energy", "J", 0x00, 2, -1, num=3600 * 10**6),  # 10^(n-1) MWh
     **_scaled("reactive_energy", "varh", 0x02, 2, 3),  # 10^n kvarh
+    **_scaled("apparent_energy", "VAh", 0x04, 2, 3),  # 10^n kVAh (2018)
     **_scaled("energy", "J", 0x08, 2, 8),  # 10^(n-1) GJ
     **_scaled("energy", "J", 0x0C, 4, 1, num=41868),  # 10^(n-1) MCal; 1 MCal = 4186800 J
     **_scaled("volume", "m3", 0x10, 2, 2),
+    **_scaled("reactive_power", "var", 0x14, 4, 0),  # 10^(nn-3) kvar (2018)
     **_scaled("mass", "kg", 0x18, 2, 5),  # 10^(n+2) t
     **_scaled("relative_humidity", "percent", 0x1A, 2, -1),
+    **{0x20: ("volume", "m3", "number", _FT3, 10**12)},  # ft3 (2018)
     **{0x21: ("volume", "m3", "number", _FT3, 10**13)},  # 0.1 ft3
     **_scaled("volume", "m3", 0x22, 2, -13, num=_USGAL),  # 10^(n-1) US gallons
     **{0x24: ("volume_flow", "m3/s", "number", _USGAL, 60 * 10**15)},  # 0.001 gal/min
     **{0x25: ("volume_flow", "m3/s", "number", _USGAL, 60 * 10**12)},  # gal/min
     **{0x26: ("volume_flow", "m3/s", "number", _USGAL, 3600 * 10**12)},  # gal/h
     **_scaled("power", "W", 0x28, 2, 5),  # 10^(n-1) MW
+    **_scaled("phase_voltage_voltage", "deg", 0x2A, 1, -1),  # 0.1 degree (2018)
+    **_scaled("phase_voltage_current", "deg", 0x2B, 1, -1),  # 0.1 degree (2018)
+    **_scaled("frequency", "Hz", 0x2C, 4, -3),  # 10^(nn-3) Hz (2018)
     **_scaled("power", "W", 0x30, 2, 8, den=3600),  # 10^(n-1) GJ/h
+    **_scaled("apparent_power", "VA", 0x34, 4, 0),  # 10^(nn-3) kVA (2018)
+    # Heat cost allocator rating factors (EN 834), fixed point with 12 fraction bits
+    # (2018).  Kq (0x69) is kept raw: public decoders disagree on its scale.
+    **{0x68: ("resulting_rating_factor", "", "number", 1, 4096)},
+    **_single(0x69, "thermal_output_rating_factor"),
+    **{0x6A: ("thermal_coupling_rating_factor", "", "number", 1, 4096)},
+    **{0x6B: ("thermal_coupling_rating_factor_room", "", "number", 1, 4096)},
+    **{0x6C: ("thermal_coupling_rating_factor_heater", "", "number", 1, 4096)},
+    **{0x6D: ("low_temperature_rating_factor", "", "number", 1, 4096)},
+    **{0x6E: ("display_output_scaling_factor", "", "number", 1, 4096)},
     **_scaled("flow_temperature", "degF", 0x58, 4, -3),
     **_scaled("return_temperature", "degF", 0x5C, 4, -3),
     **_scaled("temperature_difference", "K", 0x60, 4, -3, num=5, den=9),  # in degF
@@ -802,11 +831,13 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
         manufacturer = bytes(vifes)
         rest = []
     elif code in (0x7B, 0x7D):
+        table = FB_VIFES if code == 0x7B else FD_VIFES
+        if vifes and code == 0x7D and vifes[0] & 0x7F == 0x7D:  # FD FD: the second level
+            table, vifes = FD_FD_VIFES, vifes[1:]
         if vifes:
-            table = FB_VIFES if code == 0x7B else FD_VIFES
             spec = table.get(vifes[0] & 0x7F) or ("reserved", "", "number", 1, 1)
             rest = vifes[1:]
-        else:  # an extension VIF without its VIFE: nothing says what it is
+        else:  # an extension VIF(E) without its code: nothing says what it is
             spec = ("unknown", "", "number", 1, 1)
     else:
         spec = PRIMARY_VIFS[code]
@@ -923,8 +954,11 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
     return _number(int.from_bytes(data, "little", signed=True), vib), pos
 
 
-# Quantities without a unit (a reserved code means nothing yet): the raw value, unscaled.
-_RAW_QUANTITIES = frozenset(("manufacturer_specific", "unknown", "reserved"))
+# Quantities whose scale nothing tells (a reserved code means nothing yet, Kq's scale is
+# disputed): the raw value, unscaled, whatever VIFEs follow.
+_RAW_QUANTITIES = frozenset(
+    ("manufacturer_specific", "unknown", "reserved", "thermal_output_rating_factor")
+)
 
 
 def _number(raw, vib: _Vib):
@@ -1463,6 +1497,8 @@ QUANTITY_NAMES = {
     "mass": ("mass_kilograms", True, ()),
     "on_time": ("on_time_seconds", True, ()),
     "operating_time": ("operating_time_seconds", True, ()),
+    "reactive_energy": ("reactive_energy_var_hours", True, ()),
+    "apparent_energy": ("apparent_energy_volt_ampere_hours", True, ()),
     "power": ("power_watts", False, ()),
     "volume_flow": ("volume_flow_cubic_meters_per_second", False, ()),
     "mass_flow": ("mass_flow_kilograms_per_second", False, ()),
@@ -1492,6 +1528,10 @@ UNIT_SUFFIXES = {
     "V": "volts",
     "A": "amperes",
     "percent": "percent",
+    "var": "vars",
+    "VA": "volt_amperes",
+    "Hz": "hertz",
+    "deg": "degrees",
 }
 
 FUNCTION_PREFIXES = {"instantaneous": "", "maximum": "max_", "minimum": "min_", "error": "error_"}
