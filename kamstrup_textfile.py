@@ -766,10 +766,11 @@ def _finish_vib(vib: _Vib, raw: bytes) -> _Vib:
     return vib
 
 
-def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
+def _read_vib(payload: bytes, pos: int, end: int, msb: bool = False) -> tuple:
     """The VIF and its VIFEs at ``pos``; returns (_Vib, new position).
 
-    A meter sends the same few VIBs in every answer: each is parsed once.
+    A meter sends the same few VIBs in every answer: each is parsed once.  ``msb``: a
+    plain-text unit comes first character first (CI 0x76), not last first.
     """
     if pos >= end:
         raise FrameError(f"record ends before its VIF at byte {pos}")
@@ -778,7 +779,7 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     if vib is not None:
         return vib, pos + 1
     if vif & 0x7F == 0x7C:  # plain text: the unit is part of the VIB, not cached
-        vib, stop = _parse_vib(payload, pos, end)
+        vib, stop = _parse_vib(payload, pos, end, msb)
         return _finish_vib(vib, payload[pos:stop]), stop
     stop = pos + 1
     while payload[stop - 1] & 0x80:
@@ -798,7 +799,7 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     return vib, stop
 
 
-def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
+def _parse_vib(payload: bytes, pos: int, end: int, msb: bool = False) -> tuple:
     start = pos
     vif = payload[pos]
     pos += 1
@@ -810,7 +811,8 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
         length = payload[pos]
         if pos + 1 + length > end:
             raise FrameError(f"plain-text VIF of {length} bytes runs past the frame")
-        text_unit = payload[pos + 1 : pos + 1 + length][::-1].decode("latin-1")
+        text = payload[pos + 1 : pos + 1 + length]
+        text_unit = (text if msb else text[::-1]).decode("latin-1")
         pos += 1 + length
     vifes = []
     extension = vif & 0x80
@@ -894,8 +896,14 @@ _INTEGER_CODINGS = frozenset((1, 2, 3, 4, 6, 7))
 _FIXED_NUMBER_CODINGS = _INTEGER_CODINGS | {0x09, 0x0A, 0x0B, 0x0C, 0x0E}  # and BCD
 
 
-def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str) -> tuple:
-    """The data field at ``pos`` by the DIF's coding; returns (value, new position)."""
+def _read_data(
+    payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str, msb: bool = False
+) -> tuple:
+    """The data field at ``pos`` by the DIF's coding; returns (value, new position).
+
+    ``msb``: the field comes most significant byte first (CI 0x76); it is turned round
+    and read as the least-significant-first field of a CI 0x72 answer.
+    """
     length = _DATA_LENGTHS[coding]
     if coding == 0x0D:  # variable length: LVAR byte first
         if pos >= end:
@@ -921,6 +929,8 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
         if pos + length > end:
             raise FrameError(f"variable-length data of {length} bytes runs past the frame")
         data = payload[pos : pos + length]
+        if msb:
+            data = data[::-1]
         pos += length
         if how == "text":
             return data[::-1].decode("latin-1"), pos
@@ -933,6 +943,8 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
     if pos + length > end:
         raise FrameError(f"record data of {length} bytes runs past the frame at byte {pos}")
     data = payload[pos : pos + length]
+    if msb:
+        data = data[::-1]
     pos += length
     if length == 0:
         return None, pos
@@ -977,13 +989,19 @@ _ONE_BYTE = tuple(bytes((i,)) for i in range(256))
 BIT_FIELD_REGISTERS = {"KAM": frozenset((b"\x22",))}
 
 
-def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = None) -> tuple:
-    """The data records of a variable data structure; returns (records, more_follow)."""
+def decode_records(
+    payload: bytes, start: int = 0, manufacturer: str | None = None, msb: bool = False
+) -> tuple:
+    """The data records of a variable data structure; returns (records, more_follow).
+
+    ``msb``: multi-byte fields come most significant byte first (CI 0x76).
+    """
     bit_fields = BIT_FIELD_REGISTERS.get(manufacturer or "", frozenset())
     records = []
     pos = start
     end = len(payload)
     more = False
+    order = "big" if msb else "little"
     while pos < end:
         dif = payload[pos]
         if dif == 0x2F:  # idle filler
@@ -1027,16 +1045,16 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             n += 1
             extension = dife & 0x80
         dib = payload[dib_start:pos] if n else _ONE_BYTE[dif]
-        vib, pos = _read_vib(payload, pos, end)
+        vib, pos = _read_vib(payload, pos, end, msb)
         coding = dif & 0x0F
         if vib.scaled and coding in _FIXED_NUMBER_CODINGS:  # most records: a scaled number
             stop = pos + _DATA_LENGTHS[coding]
             if stop > end:
                 raise FrameError(f"record data runs past the frame at byte {pos}")
             if coding < 8:
-                raw = int.from_bytes(payload[pos:stop], "little", signed=True)
+                raw = int.from_bytes(payload[pos:stop], order, signed=True)
             else:
-                raw = _decode_bcd(payload[pos:stop])
+                raw = _decode_bcd(payload[pos:stop][::-1] if msb else payload[pos:stop])
             if raw is None:
                 value = None
             else:
@@ -1046,7 +1064,7 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             kind = vib.kind
             if vib.manufacturer_vife in bit_fields and vib.quantity == "manufacturer_specific":
                 kind = "bits"
-            value, pos = _read_data(payload, pos, end, coding, vib, kind)
+            value, pos = _read_data(payload, pos, end, coding, vib, kind, msb)
         records.append(
             Record(
                 storage,
@@ -1094,11 +1112,15 @@ _FIXED_UNITS: dict = {
 }  # fmt: skip
 
 
-def _decode_fixed(telegram: Telegram, data: bytes) -> None:
-    """CI 0x73: identification, access number, status, medium and units, two counters."""
+def _decode_fixed(telegram: Telegram, data: bytes, msb: bool = False) -> None:
+    """CI 0x73: identification, access number, status, medium and units, two counters.
+
+    ``msb``: CI 0x77, the same with the identification and counters most significant
+    byte first.
+    """
     if len(data) != 16:
         raise FrameError(f"fixed data structure of {len(data)} bytes, expected 16")
-    telegram.id = _bcd_id(data[0:4])
+    telegram.id = _bcd_id(data[3::-1] if msb else data[0:4])
     telegram.access_number = data[4]
     telegram.status = data[5]
     type1, type2 = data[6], data[7]
@@ -1107,6 +1129,8 @@ def _decode_fixed(telegram: Telegram, data: bytes) -> None:
     binary = telegram.status & 0x80
     units = []
     for type_byte, counter in ((type1, data[8:12]), (type2, data[12:16])):
+        if msb:
+            counter = counter[::-1]
         code = type_byte & 0x3F
         storage = 0
         if code == 0x3E:  # the same unit as counter 1, a historic value
@@ -1118,6 +1142,12 @@ def _decode_fixed(telegram: Telegram, data: bytes) -> None:
     telegram.records = units
 
 
+def _header_lsb_first(data: bytes) -> bytes:
+    """A CI 0x76 payload with its header's identification number, manufacturer and
+    signature turned round, as a CI 0x72 answer sends them (the records follow as sent)."""
+    return data[3::-1] + data[5:3:-1] + data[6:10] + data[11:9:-1] + data[12:]
+
+
 def decode_telegram(buf: bytes) -> Telegram:
     """A whole RSP_UD frame to a Telegram; FrameError (or ApplicationError) otherwise."""
     frame = parse_long_frame(bytes(buf))
@@ -1127,9 +1157,12 @@ def decode_telegram(buf: bytes) -> Telegram:
         code = data[0] if data else 0
         reason = APPLICATION_ERRORS.get(code, f"application error 0x{code:02X}")
         raise ApplicationError(f"meter reports an application error: {reason}")
-    if frame.ci == 0x72:
+    msb = frame.ci in (0x76, 0x77)  # EN 1434-3 "mode 2": multi-byte fields MSB first
+    if frame.ci == 0x72 or frame.ci == 0x76:
         if len(data) < 12:
             raise FrameError(f"header of {len(data)} bytes, expected 12")
+        if msb:
+            data = _header_lsb_first(data)
         telegram.id = _bcd_id(data[0:4])
         telegram.manufacturer = _manufacturer_code(data[4] | data[5] << 8)
         telegram.version = data[6]
@@ -1147,13 +1180,13 @@ def decode_telegram(buf: bytes) -> Telegram:
         start = 4
     elif frame.ci == 0x78:
         start = 0
-    elif frame.ci == 0x73:
-        _decode_fixed(telegram, data)
+    elif frame.ci == 0x73 or frame.ci == 0x77:
+        _decode_fixed(telegram, data, msb)
         return telegram
     else:
         raise FrameError(f"CI field 0x{frame.ci:02X} is not a data answer")
     telegram.records, telegram.more_records_follow = decode_records(
-        data, start, telegram.manufacturer
+        data, start, telegram.manufacturer, msb
     )
     return telegram
 

@@ -120,7 +120,7 @@ def number_fields():
     """One record per fixed data coding: (DIF, data LSB first, value in J)."""
     out = []
     for coding, size in ((1, 1), (2, 2), (3, 3), (4, 4), (6, 6), (7, 8)):
-        raw = -(2 ** (8 * size - 1)) + 12345  # negative: the sign is in the top byte
+        raw = -(2 ** (8 * size - 1)) + 123  # negative: the sign is in the top byte
         out.append((coding, encode_int(raw, size), raw * 3600.0))
     for coding, digits in ((9, 2), (10, 4), (11, 6), (12, 8), (14, 12)):
         raw = int("123456789012"[:digits])
@@ -233,7 +233,12 @@ def test_the_same_json_and_metrics_as_the_0x72_twin():
     assert json.loads(k.render_json([k.Reading(48, msb)])) == json.loads(
         k.render_json([k.Reading(48, lsb)])
     )
-    assert k.exposition([k.Reading(48, msb)]) == k.exposition([k.Reading(48, lsb)])
+    assert stable(k.exposition([k.Reading(48, msb)])) == stable(k.exposition([k.Reading(48, lsb)]))
+
+
+def stable(text: str) -> list:
+    """The exposition without the time of the run (kamstrup_last_success_...)."""
+    return [line for line in text.splitlines() if not line.startswith("kamstrup_last_success")]
 
 
 # --- any 0x72 frame and its 0x76 twin ----------------------------------------------------
@@ -337,10 +342,10 @@ def test_apator_elf_through_decode(tmp_path):
 
 
 def fixed(msb: bool, counters=(1, 135)) -> bytes:
-    """CI 0x73/0x77: ID 12345678, access 5, status 0x00 (BCD counters), l and l (0x13),
+    """CI 0x73/0x77: ID 12345678, access 5, status 0x00 (BCD counters), litres (0x29),
     counter values in BCD."""
     ident = bytes.fromhex("12345678")
-    body = (ident if msb else ident[::-1]) + bytes((5, 0x00, 0x13, 0x13))
+    body = (ident if msb else ident[::-1]) + bytes((5, 0x00, 0x29, 0x29))
     for value in counters:
         data = encode_bcd(value, 8)
         body += data[::-1] if msb else data
