@@ -8,6 +8,7 @@ decoder's tables.
 from __future__ import annotations
 
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -228,3 +229,37 @@ def test_names_of_the_electrical_quantities():
     assert f"kamstrup_phase_voltage_current_degrees{meter} 60\n" in text
     assert "# TYPE kamstrup_apparent_energy_volt_ampere_hours_total counter\n" in text
     assert "# TYPE kamstrup_reactive_power_vars gauge\n" in text
+
+
+# --- real 2018 codes: Gran-System electricity meters (tests/data/frames/README.md) ------
+
+FRAMES = Path(__file__).resolve().parent / "data" / "frames"
+
+
+def wired(name: str) -> bytes:
+    """A wireless M-Bus telegram's application layer (it has CI 0x78: no header) in a
+    wired RSP_UD long frame, the link layer written here."""
+    telegram = bytes.fromhex((FRAMES / name).read_text().strip())
+    assert telegram[0] == len(telegram) - 1 and telegram[10] == 0x78
+    return kt.long_frame(0x08, 0x01, 0x78, telegram[11:])
+
+
+@pytest.mark.parametrize(
+    "name, hertz, volts",
+    [("gransystems_101.wmbus.hex", 49.98, 235.0), ("gransystems_301.wmbus.hex", 50.0, 234.1)],
+)
+def test_gran_system_frequency(name, hertz, volts):
+    # wmbusmeters' expected output for these telegrams: frequency_hz 49.98 and 50,
+    # voltage_at_phase_1_v 235 and 234.1 (simulations/simulation_t1.txt).
+    t = kt.decode_telegram(wired(name))
+    (frequency,) = [r for r in t.records if r.vib == b"\xfb\x2d"]
+    assert (frequency.quantity, frequency.unit, frequency.value) == ("frequency", "Hz", hertz)
+    voltages = [r.value for r in t.records if r.quantity == "voltage"]
+    assert voltages[0] == volts  # phase 1: subunit 0 on the 101, subunit 1 on the 301
+
+
+def test_gran_system_101_energy_and_clock():
+    # wmbusmeters: total_energy_consumption_kwh 0.916, device_datetime 2021-01-28 19:15
+    t = kt.decode_telegram(wired("gransystems_101.wmbus.hex"))
+    assert t.records[0].value == "2021-01-28T19:15"
+    assert t.records[1].value == 0.916 * 3_600_000
