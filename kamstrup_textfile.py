@@ -254,12 +254,12 @@ class Record(_Plain):
 
     __slots__ = (
         "storage", "tariff", "subunit", "function", "quantity", "unit", "value",
-        "dib", "vib", "modifiers", "manufacturer_vife", "text_unit",
+        "dib", "vib", "modifiers", "manufacturer_vife", "text_unit", "utc_offset",
     )  # fmt: skip
 
     def __init__(
         self, storage, tariff, subunit, function, quantity, unit, value,
-        dib=b"", vib=b"", modifiers=(), manufacturer_vife=b"", text_unit="",
+        dib=b"", vib=b"", modifiers=(), manufacturer_vife=b"", text_unit="", utc_offset=None,
     ):  # fmt: skip
         self.storage = storage
         self.tariff = tariff
@@ -273,6 +273,7 @@ class Record(_Plain):
         self.modifiers = modifiers  # combinable VIFEs, by name
         self.manufacturer_vife = manufacturer_vife  # after a manufacturer-specific VIF(E)
         self.text_unit = text_unit  # the unit of a plain-text VIF (0x7C/0xFC)
+        self.utc_offset = utc_offset  # "+02:00": a local date-time the SU bit placed
 
     @property
     def current(self) -> bool:
@@ -299,6 +300,8 @@ class Record(_Plain):
             out["modifiers"] = list(self.modifiers)
         if self.text_unit:
             out["text_unit"] = self.text_unit
+        if self.utc_offset:
+            out["utc_offset"] = self.utc_offset
         return out
 
 
@@ -683,6 +686,37 @@ def _decode_datetime(data: bytes) -> str | None:
     return f"{date}T{hour:02d}:{minute:02d}:{seconds:02d}"
 
 
+def _utc_offset(text: str, summer: bool) -> str | None:
+    """The UTC offset ("+02:00") of a type F local time, in this host's time zone, when
+    its SU (summer time) bit decides it; None when it does not.
+
+    SU set: the zone's summer-time offset at that local time, if the zone has one then.
+    SU clear: the standard-time offset, but only in the autumn's repeated hour, where
+    the local time alone names two instants.  Elsewhere a clear bit says nothing: meters
+    that ignore summer time send it clear all year.
+    """
+    year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
+    hour, minute = int(text[11:13]), int(text[14:16])
+    offsets = {}  # tm_isdst -> offset, for each reading of this local time that exists
+    for isdst in (0, 1):
+        try:
+            local = time.localtime(time.mktime((year, month, day, hour, minute, 0, 0, 0, isdst)))
+        except (OverflowError, ValueError, OSError):
+            return None
+        if local[:5] == (year, month, day, hour, minute) and local.tm_isdst == isdst:
+            offsets[isdst] = local.tm_gmtoff
+    if summer:
+        offset = offsets.get(1)
+    elif len(offsets) == 2:
+        offset = offsets[0]
+    else:
+        return None
+    if offset is None:
+        return None
+    sign = "-" if offset < 0 else "+"
+    return f"{sign}{abs(offset) // 3600:02d}:{abs(offset) % 3600 // 60:02d}"
+
+
 def _real32_decimal(data: bytes):
     """The shortest decimal that a 32-bit real stands for, as an exact (numerator,
     denominator) pair; None for NaN and infinities."""
@@ -1047,6 +1081,7 @@ def decode_records(
         dib = payload[dib_start:pos] if n else _ONE_BYTE[dif]
         vib, pos = _read_vib(payload, pos, end, msb)
         coding = dif & 0x0F
+        utc_offset = None
         if vib.scaled and coding in _FIXED_NUMBER_CODINGS:  # most records: a scaled number
             stop = pos + _DATA_LENGTHS[coding]
             if stop > end:
@@ -1064,7 +1099,11 @@ def decode_records(
             kind = vib.kind
             if vib.manufacturer_vife in bit_fields and vib.quantity == "manufacturer_specific":
                 kind = "bits"
+            start_of_data = pos
             value, pos = _read_data(payload, pos, end, coding, vib, kind, msb)
+            if kind == "datetime" and coding == 0x04 and value is not None:
+                hour_byte = payload[start_of_data + (2 if msb else 1)]  # type F: SU is bit 7
+                utc_offset = _utc_offset(value, bool(hour_byte & 0x80))
         records.append(
             Record(
                 storage,
@@ -1079,6 +1118,7 @@ def decode_records(
                 vib.modifiers,
                 vib.manufacturer_vife,
                 vib.text_unit,
+                utc_offset,
             )  # fmt: skip
         )
     return records, more
@@ -1592,7 +1632,8 @@ HELP = {
     "e8_cubic_meters_celsius_total": "Kamstrup E8: volume times flow temperature t1.",
     "e9_cubic_meters_celsius_total": "Kamstrup E9: volume times return temperature t2.",
     "error_flags": "Error flags of the meter (bit field, FD 17).",
-    "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone.",
+    "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone "
+    "(its summer-time bit decides the autumn's repeated hour).",
     "register_date_timestamp_seconds": "Stored date (e.g. the target date), local midnight.",
     "manufacturer_register": "A manufacturer-specific register, raw value.",
     "reserved_register": "A record whose VIF code EN 13757-3 still reserves, raw value.",
@@ -1609,11 +1650,14 @@ def _metric_part(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]+", "_", text).strip("_").lower()
 
 
-def _local_timestamp(text: str) -> float | None:
-    """Seconds since the epoch of a meter's local date or date-time, in this host's zone."""
+def _local_timestamp(text: str, utc_offset: str | None = None) -> float | None:
+    """Seconds since the epoch of a meter's local date or date-time, in this host's zone
+    (at ``utc_offset`` when the meter's SU bit placed it)."""
     import datetime as dt
 
     try:
+        if utc_offset:
+            return dt.datetime.fromisoformat(text + utc_offset).timestamp()
         if "T" in text:
             value = dt.datetime.fromisoformat(text)
         else:
@@ -1634,7 +1678,7 @@ def record_series(telegram: Telegram, record: Record):
     if quantity in ("date", "datetime"):
         if not isinstance(value, str):
             return None
-        value = _local_timestamp(value)
+        value = _local_timestamp(value, record.utc_offset)
         if value is None:
             return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -1935,7 +1979,8 @@ def telegram_json(telegram: Telegram) -> str:
     parts = []
     for record in telegram.records:
         # DIB and VIB fix every field but the value (the fixed structure has neither)
-        shape = (record.dib, record.vib, record.storage, record.quantity, record.unit)
+        shape = (record.dib, record.vib, record.storage, record.quantity, record.unit,
+                 record.utc_offset)  # fmt: skip
         template = _RECORD_JSON.get(shape)
         if template is None:
             fields = record.to_json()
