@@ -151,12 +151,17 @@ def parse_long_frame(buf: bytes) -> LongFrame:
 
 
 def parse_hex(text: str) -> bytes:
-    """Hex digits in any case, separated or not by white space (the libmbus .hex layout)."""
+    """Hex digits in any case, separated or not by white space (the libmbus .hex layout);
+    lines whose first character other than a blank is # are comments (--capture)."""
+    lines = []
     for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("#"):
+            continue
         bad = re.search(r"[^0-9A-Fa-f\s]", line)
         if bad:
             raise FrameError(f"line {number}: {bad.group()!r} is not a hex digit")
-    digits = "".join(text.split())
+        lines.append(line)
+    digits = "".join("".join(lines).split())
     if not digits:
         raise FrameError("no hex digits")
     if len(digits) % 2:
@@ -1290,6 +1295,7 @@ class Bus:
         self.pause = pause
         self.log = log
         self.clock = time.monotonic
+        self.on_answer = None  # called with (address, frame) for every answer accepted
 
     # -- raw I/O ---------------------------------------------------------
 
@@ -1424,11 +1430,14 @@ class Bus:
 
             def once(request=request):
                 self._send(request)
-                telegram = decode_telegram(self._answer(request, want_frame=True))
+                frame = self._answer(request, want_frame=True)
+                telegram = decode_telegram(frame)
                 if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and telegram.address != target:
                     raise BusError(f"answer from address {telegram.address}, not {target}")
                 if isinstance(address, str) and telegram.id != address:
                     raise BusError(f"answer from meter {telegram.id}, not {address}")
+                if self.on_answer is not None:
+                    self.on_answer(address, frame)
                 return telegram
 
             telegrams.append(self._attempts("REQ_UD2", once))
@@ -2170,8 +2179,9 @@ def _fail(message: str) -> None:
     click.echo(f"{PROG}: {message}", err=True)
 
 
-def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
+def read_meters(port, addresses, *, baudrate, timeout, retries, log, on_answer=None) -> list:
     bus = Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
+    bus.on_answer = on_answer
     readings = []
     for address in addresses:
         start = time.monotonic()
@@ -2238,11 +2248,19 @@ def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
     default=None,
     help="Decode hex frames from FILE (- for stdin) instead of reading the bus.",
 )
+@click.option(
+    "--capture",
+    "capture_file",
+    default=None,
+    metavar="FILE",
+    help="With --once: append every answer to FILE as hex, each after a # line saying when, "
+    "port, address and baud rate; --decode FILE reads it back.",
+)
 @click.option("--scan", is_flag=True, help="Probe primary addresses 0-250 and list the meters.")
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
 @click.version_option(__version__, prog_name=PROG)
 def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, decode_file,
-        scan, verbose):  # fmt: skip
+        capture_file, scan, verbose):  # fmt: skip
     """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
 
     Every option can also be set as KAMSTRUP_<OPTION> in the environment
@@ -2257,7 +2275,10 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     if output is None:  # a decoded capture never replaces the live file unless asked to
         output = "-" if decode_file is not None else DEFAULT_OUTPUT
+    if capture_file is not None:
+        _check_capture(capture_file, once, output)
     addresses = list(dict.fromkeys(addresses)) or [ADDRESS_ANY]
+    capture = None
 
     if decode_file is not None:
         try:
@@ -2281,11 +2302,15 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
             _fail(str(exc))
             readings = [Reading(a, error=str(exc)) for a in addresses]
         else:
+            capture = _Capture(capture_file, port, baudrate) if capture_file else None
             try:
                 readings = read_meters(serial_port, addresses, baudrate=baudrate,
-                                       timeout=timeout, retries=retries, log=log)  # fmt: skip
+                                       timeout=timeout, retries=retries, log=log,
+                                       on_answer=capture)  # fmt: skip
             finally:
                 serial_port.close()
+                if capture is not None:
+                    capture.close()
             _report(readings)
 
     if fmt == "json":
@@ -2298,7 +2323,67 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     except OutputError as exc:
         _fail(str(exc))
         sys.exit(1)
-    sys.exit(1 if any(r.error for r in readings) else 0)
+    failed = any(r.error for r in readings) or (capture is not None and capture.failed)
+    sys.exit(1 if failed else 0)
+
+
+def _check_capture(path: str, once: bool, output: str) -> None:
+    """--capture is for a live read, into a file of its own that node_exporter ignores."""
+    if not once:
+        raise click.UsageError("--capture records the answers of a live read: use it with --once")
+    if path == "-":
+        raise click.UsageError("--capture needs a file, not -")
+    if path.endswith(".prom"):
+        raise click.UsageError(f"--capture {path}: node_exporter would read a .prom file")
+    if output != "-" and os.path.realpath(path) == os.path.realpath(output):
+        raise click.UsageError(f"--capture {path} is the --output file")
+
+
+class _Capture:
+    """--capture FILE: each answer appended as hex after a comment line.  Writing is
+    best effort: the first failure is one line on stderr, the read goes on without it."""
+
+    def __init__(self, path: str, port: str, baudrate: int):
+        self.path = path
+        self.port = port
+        self.baudrate = baudrate
+        self.failed = False
+        try:
+            self.file = open(path, "a", encoding="ascii")
+        except OSError as exc:
+            self.file = None
+            self._failure(exc)
+
+    def __call__(self, address, frame: bytes) -> None:
+        if self.file is None:
+            return
+        import datetime as dt
+
+        when = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        header = f"# {when} port {self.port} address {address} baudrate {self.baudrate}"
+        try:
+            self.file.write(f"{header}\n{frame.hex(' ').upper()}\n")
+            self.file.flush()  # each answer on disk as it comes: a killed run keeps them
+        except OSError as exc:
+            self._failure(exc)
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as exc:
+                self._failure(exc)
+
+    def _failure(self, exc: OSError) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the same failure again: reported once below
+            self.file = None
+        if not self.failed:
+            self.failed = True
+            _fail(f"capture {self.path}: {exc.strerror or exc}; the read goes on without it")
 
 
 def _report(readings: Sequence[Reading]) -> None:
