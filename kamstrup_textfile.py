@@ -2251,6 +2251,7 @@ def read_meters(port, addresses, *, baudrate, timeout, retries, log, on_answer=N
 @click.option(
     "--capture",
     "capture_file",
+    envvar="KAMSTRUP_CAPTURE",
     default=None,
     metavar="FILE",
     help="With --once: append every answer to FILE as hex, each after a # line saying when, "

@@ -251,3 +251,12 @@ def test_round_trip_through_a_pty(tmp_path):
         ports = {c.group(2) for c, _ in entries(tmp_path / f"{fmt}.hex")}
         assert ports == {line.path}
     assert 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n' in live["prom"]
+
+
+def test_capture_from_the_environment(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48))
+    capture = tmp_path / "frames.hex"
+    result = invoke(["--once", "--address", "48", "--output", "-"],
+                    env={"KAMSTRUP_CAPTURE": str(capture)})  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert len(entries(capture)) == 1
