@@ -359,3 +359,18 @@ def test_fixed_structure_msb_first():
     assert [r.value for r in lsb.records] == [0.001, 0.135]
     assert msb.records == lsb.records
     assert msb.to_json() == lsb.to_json()
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(
+    ci=st.sampled_from([0x76, 0x77]),
+    head=st.binary(min_size=12, max_size=12),
+    records=st.binary(max_size=240),
+)
+def test_any_bytes_after_a_0x76_header_decode_or_are_a_frame_error(ci, head, records):
+    try:
+        telegram = k.decode_telegram(frame(0x08, 1, ci, head + records))
+    except k.FrameError as error:
+        assert str(error)
+        return
+    json.loads(k.telegram_json(telegram))

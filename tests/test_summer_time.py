@@ -14,6 +14,8 @@ import os
 import time
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import kamstrup_textfile as k
 
@@ -170,3 +172,26 @@ def test_decode_command_in_copenhagen(tmp_path):
         result = run_tool("--decode", str(path), env=env)
         stamp = int(utc(2026, 10, 25, *when))
         assert f'kamstrup_clock_timestamp_seconds{{meter="82937133"}} {stamp}\n' in result.stdout
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # the same zone throughout
+)
+@given(st.datetimes(dt.datetime(1996, 1, 1), dt.datetime(2079, 12, 31)))
+@example(dt.datetime(2026, 10, 25, 0, 30))  # 02:30 summer time, UTC
+@example(dt.datetime(2026, 10, 25, 1, 30))  # 02:30 standard time, UTC
+@example(dt.datetime(2026, 3, 29, 1, 0))  # 03:00 summer time, the first minute of it
+def test_a_meter_that_sets_su_is_read_right_at_every_minute(zone, moment):
+    """Any instant, shown as Copenhagen's local time with SU set in summer time (what a
+    meter that keeps the flag sends), reads back as that instant: in the repeated hour
+    too.  Without the SU bit half of that hour would be an hour off."""
+    zone(COPENHAGEN)
+    instant = int(moment.replace(second=0, microsecond=0, tzinfo=UTC).timestamp())
+    local = time.localtime(instant)
+    t = decode(dt.datetime(*local[:5]), summer=bool(local.tm_isdst))
+    assert timestamp(t) == instant
+    if local.tm_isdst:
+        assert t.records[0].utc_offset == "+02:00"
