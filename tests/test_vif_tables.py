@@ -263,3 +263,12 @@ def test_gran_system_101_energy_and_clock():
     t = kt.decode_telegram(wired("gransystems_101.wmbus.hex"))
     assert t.records[0].value == "2021-01-28T19:15"
     assert t.records[1].value == 0.916 * 3_600_000
+
+
+def test_a_security_key_is_never_exported():
+    """FD 19 (2018): a key, like a password, stays out of the .prom (it is in the JSON,
+    which a user asks for)."""
+    frame = kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("04FD1978563412"))
+    text = kt.exposition([kt.Reading(48, kt.decode_telegram(frame))])
+    assert "security_key" not in text
+    assert str(0x12345678) not in text
