@@ -700,15 +700,23 @@ def _utc_offset(text: str, summer: bool) -> str | None:
     the local time alone names two instants.  Elsewhere a clear bit says nothing: meters
     that ignore summer time send it clear all year.
     """
-    year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
-    hour, minute = int(text[11:13]), int(text[14:16])
-    offsets = {}  # tm_isdst -> offset, for each reading of this local time that exists
-    for isdst in (0, 1):
+    if not time.daylight:  # a zone without summer time (UTC): nothing to decide
+        return None
+    import datetime as dt
+
+    fields = (int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]),
+              int(text[14:16]))  # fmt: skip
+    # The local time read as UTC, then moved by the zone's standard and summer offsets
+    # (time.timezone, time.altzone: seconds west): each reading that gives this local
+    # time back exists.  (mktime with tm_isdst=1 would search a year for summer time.)
+    wall = (dt.date(*fields[:3]).toordinal() - 719163) * 86400 + fields[3] * 3600 + fields[4] * 60
+    offsets = {}
+    for isdst, west in ((0, time.timezone), (1, time.altzone)):
         try:
-            local = time.localtime(time.mktime((year, month, day, hour, minute, 0, 0, 0, isdst)))
+            local = time.localtime(wall + west)
         except (OverflowError, ValueError, OSError):
             return None
-        if local[:5] == (year, month, day, hour, minute) and local.tm_isdst == isdst:
+        if local.tm_isdst == isdst and local[:5] == fields:
             offsets[isdst] = local.tm_gmtoff
     if summer:
         offset = offsets.get(1)
