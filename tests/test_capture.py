@@ -260,3 +260,22 @@ def test_capture_from_the_environment(fake_bus, tmp_path):
                     env={"KAMSTRUP_CAPTURE": str(capture)})  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert len(entries(capture)) == 1
+
+
+def test_a_ci_0x76_meter_read_live_captured_and_decoded(fake_bus, tmp_path, monkeypatch):
+    """The Apator ELF's CI 0x76 answer (tests/data/frames) from a simulated meter: read
+    live like any other, captured, and decoded back to the same file."""
+    frames = Path(__file__).resolve().parent / "data" / "frames"
+    monkeypatch.setitem(sim.FRAMES, "apator-ci76", (frames / "apator_elf_ci76.hex").read_text())
+    # the simulator writes the identification least significant byte first: reversed here
+    fake_bus.append(sim.Meter(address=1, ident="55916100", kind="apator-ci76"))
+    capture = tmp_path / "frames.hex"
+    live = tmp_path / "live.prom"
+    result = invoke(["--once", "--address", "1", "--output", str(live), "--capture", str(capture)])
+    assert result.exit_code == 0, result.stderr
+    text = live.read_text()
+    assert 'kamstrup_temperature_celsius{meter="00619155",sensor="flow"} 26.9\n' in text
+    ((_, frame),) = entries(capture)
+    assert frame[6] == 0x76
+    decoded = invoke(["--decode", str(capture)])
+    assert stable(decoded.stdout) == stable(text)
