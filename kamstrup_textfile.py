@@ -2132,13 +2132,30 @@ def _unescape_label(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
 
 
+_PREVIOUS_LIMIT = 16 << 20  # bytes of the previous file read for its last-success times
+
+
 def previous_last_success(path: str) -> dict:
-    """The last-success times kept in the previous file, so they survive failed runs."""
+    """The last-success times kept in the previous file, so they survive failed runs.
+
+    Only a regular file is read (a fifo would block, /dev/zero never end), and only as
+    much of it as a .prom file of ours can be.
+    """
+    import stat
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            text = f.read(_PREVIOUS_LIMIT).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return {}
+    finally:
+        os.close(fd)
     out = {}
     for labels, value in _LAST_SUCCESS.findall(text):
         pairs = dict(_LABEL_PAIR.findall(labels))
@@ -2442,7 +2459,38 @@ def _close(port) -> None:
         pass  # a port that went away cannot be closed any better
 
 
-@click.command(context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100})
+class _Command(click.Command):
+    """click's command, with a usage error on one line ("PROG: Invalid value for ...
+    (see PROG --help)") and output that cannot be written said once, not as a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **kw):
+        try:
+            status = super().main(args, prog_name, complete_var, standalone_mode=False, **kw)
+        except click.UsageError as exc:
+            name = (exc.ctx.find_root().info_name if exc.ctx else None) or PROG
+            click.echo(f"{PROG}: {_one_line(exc.format_message())} (see {name} --help)",
+                       err=True)  # fmt: skip
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except OSError as exc:  # --help or --version into a full disk or a closed pipe
+            try:
+                _stdout("")
+            except OutputError:
+                pass
+            click.echo(f"{PROG}: cannot write to standard output: {_reason(exc)}", err=True)
+            sys.exit(1)
+        sys.exit(status or 0)
+
+
+@click.command(
+    cls=_Command,
+    context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100},
+)
 @click.option(
     "--port",
     default="/dev/ttymeterBus",

@@ -198,3 +198,27 @@ def test_one_meter_at_two_addresses_is_still_exported_once(tmp_path, fake_bus): 
     assert series(families, "kamstrup_energy_joules_total") == [
         ({"meter": "30303030"}, "554400000")
     ]
+
+
+# --- outputs that are not files ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fifo", "/dev/full", "/dev/zero"])
+def test_an_output_that_is_not_a_file_is_refused_at_once(kind, tmp_path):
+    """The previous file is read for its last-success times: a fifo would block that read
+    forever, /dev/full and /dev/zero would feed it without end."""
+    if kind == "fifo":
+        output = tmp_path / "kamstrup.prom"
+        os.mkfifo(output)
+    else:
+        output = kind
+    result = subprocess.run(
+        [sys.executable, TOOL, "--once", "--port", str(tmp_path / "missing"),
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"kamstrup_textfile: {output} is not a regular file (use --output - for stdout)"
+    )
