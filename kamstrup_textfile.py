@@ -152,12 +152,17 @@ def parse_long_frame(buf: bytes) -> LongFrame:
 
 
 def parse_hex(text: str) -> bytes:
-    """Hex digits in any case, separated or not by white space (the libmbus .hex layout)."""
+    """Hex digits in any case, separated or not by white space (the libmbus .hex layout);
+    lines whose first character other than a blank is # are comments (--capture)."""
+    lines = []
     for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("#"):
+            continue
         bad = re.search(r"[^0-9A-Fa-f\s]", line)
         if bad:
             raise FrameError(f"line {number}: {bad.group()!r} is not a hex digit")
-    digits = "".join(text.split())
+        lines.append(line)
+    digits = "".join("".join(lines).split())
     if not digits:
         raise FrameError("no hex digits")
     if len(digits) % 2:
@@ -255,12 +260,12 @@ class Record(_Plain):
 
     __slots__ = (
         "storage", "tariff", "subunit", "function", "quantity", "unit", "value",
-        "dib", "vib", "modifiers", "manufacturer_vife", "text_unit",
+        "dib", "vib", "modifiers", "manufacturer_vife", "text_unit", "utc_offset",
     )  # fmt: skip
 
     def __init__(
         self, storage, tariff, subunit, function, quantity, unit, value,
-        dib=b"", vib=b"", modifiers=(), manufacturer_vife=b"", text_unit="",
+        dib=b"", vib=b"", modifiers=(), manufacturer_vife=b"", text_unit="", utc_offset=None,
     ):  # fmt: skip
         self.storage = storage
         self.tariff = tariff
@@ -274,6 +279,7 @@ class Record(_Plain):
         self.modifiers = modifiers  # combinable VIFEs, by name
         self.manufacturer_vife = manufacturer_vife  # after a manufacturer-specific VIF(E)
         self.text_unit = text_unit  # the unit of a plain-text VIF (0x7C/0xFC)
+        self.utc_offset = utc_offset  # "+02:00": a local date-time the SU bit placed
 
     @property
     def current(self) -> bool:
@@ -300,6 +306,8 @@ class Record(_Plain):
             out["modifiers"] = list(self.modifiers)
         if self.text_unit:
             out["text_unit"] = self.text_unit
+        if self.utc_offset:
+            out["utc_offset"] = self.utc_offset
         return out
 
 
@@ -442,7 +450,7 @@ FD_VIFES: dict = {
     **_single(0x16, "password", kind="id"),
     **_single(0x17, "error_flags", kind="bits"),
     **_single(0x18, "error_mask", kind="bits"),
-    **_single(0x19, "reserved"),
+    **_single(0x19, "security_key", kind="id"),  # EN 13757-3:2018
     **_single(0x1A, "digital_output", kind="bits"),
     **_single(0x1B, "digital_input", kind="bits"),
     **_single(0x1C, "baud_rate", "Bd"),
@@ -452,7 +460,7 @@ FD_VIFES: dict = {
     **_single(0x20, "first_storage_number"),
     **_single(0x21, "last_storage_number"),
     **_single(0x22, "storage_block_size"),
-    **_single(0x23, "reserved"),
+    **_single(0x23, "tariff_subunit_descriptor", kind="id"),  # 2018
     **_durations("storage_interval", 0x24),
     **_single(0x28, "storage_interval_months", "month"),
     **_single(0x29, "storage_interval_years", "year"),
@@ -465,8 +473,8 @@ FD_VIFES: dict = {
     **_single(0x38, "tariff_period_months", "month"),
     **_single(0x39, "tariff_period_years", "year"),
     **_single(0x3A, "dimensionless"),
-    **_single(0x3B, "reserved"),
-    **{code: ("reserved", "", "number", 1, 1) for code in range(0x3C, 0x40)},
+    **_single(0x3B, "wireless_mbus_container", kind="id"),  # 2018
+    **_durations("nominal_transmission_period", 0x3C),  # 2018
     **_scaled("voltage", "V", 0x40, 16, -9),
     **_scaled("current", "A", 0x50, 16, -12),
     **_single(0x60, "reset_counter"),
@@ -490,27 +498,56 @@ FD_VIFES: dict = {
     **{0x74: ("remaining_battery_life", "s", "number", 86400, 1)},
     **_single(0x75, "meter_stop_count"),
     **_single(0x76, "manufacturer_container", kind="id"),
+    # 0x77-0x7C reserved; 0x7D: the code is in the next VIFE (FD_FD_VIFES)
+}
+
+# VIF 0xFD, VIFE 0xFD: the second level of the main extension table (2018).
+FD_FD_VIFES: dict = {
+    **_single(0x00, "currently_selected_application", kind="id"),
+    **_single(0x02, "remaining_battery_life_months", "month"),
+    **_single(0x03, "remaining_battery_life_years", "year"),
 }
 
 _FT3 = 28316846592  # 1 ft3 = 0.028316846592 m3 (num, with den 10^12)
 _USGAL = 3785411784  # 1 US gallon = 0.003785411784 m3 (den 10^12)
 
-# VIF 0xFB: the first extension table (large units, non-SI units).
+# VIF 0xFB: the first extension table (large units, electricity, non-SI units), to
+# EN 13757-3:2018 (its Table 14).  Apparent and reactive energy stay in VAh and varh:
+# the meter's own unit family, never mistaken for (active) energy in J.  The 2018
+# edition dropped US gallons and degrees Fahrenheit (0x22-0x26, 0x58-0x67, 0x70-0x73)
+# without giving the codes another meaning: older meters still send them, so they keep
+# their earlier meaning here.  Codes not listed are reserved.
 FB_VIFES: dict = {
     **_scaled("energy", "J", 0x00, 2, -1, num=3600 * 10**6),  # 10^(n-1) MWh
     **_scaled("reactive_energy", "varh", 0x02, 2, 3),  # 10^n kvarh
+    **_scaled("apparent_energy", "VAh", 0x04, 2, 3),  # 10^n kVAh (2018)
     **_scaled("energy", "J", 0x08, 2, 8),  # 10^(n-1) GJ
     **_scaled("energy", "J", 0x0C, 4, 1, num=41868),  # 10^(n-1) MCal; 1 MCal = 4186800 J
     **_scaled("volume", "m3", 0x10, 2, 2),
+    **_scaled("reactive_power", "var", 0x14, 4, 0),  # 10^(nn-3) kvar (2018)
     **_scaled("mass", "kg", 0x18, 2, 5),  # 10^(n+2) t
     **_scaled("relative_humidity", "percent", 0x1A, 2, -1),
+    **{0x20: ("volume", "m3", "number", _FT3, 10**12)},  # ft3 (2018)
     **{0x21: ("volume", "m3", "number", _FT3, 10**13)},  # 0.1 ft3
     **_scaled("volume", "m3", 0x22, 2, -13, num=_USGAL),  # 10^(n-1) US gallons
     **{0x24: ("volume_flow", "m3/s", "number", _USGAL, 60 * 10**15)},  # 0.001 gal/min
     **{0x25: ("volume_flow", "m3/s", "number", _USGAL, 60 * 10**12)},  # gal/min
     **{0x26: ("volume_flow", "m3/s", "number", _USGAL, 3600 * 10**12)},  # gal/h
     **_scaled("power", "W", 0x28, 2, 5),  # 10^(n-1) MW
+    **_scaled("phase_voltage_voltage", "deg", 0x2A, 1, -1),  # 0.1 degree (2018)
+    **_scaled("phase_voltage_current", "deg", 0x2B, 1, -1),  # 0.1 degree (2018)
+    **_scaled("frequency", "Hz", 0x2C, 4, -3),  # 10^(nn-3) Hz (2018)
     **_scaled("power", "W", 0x30, 2, 8, den=3600),  # 10^(n-1) GJ/h
+    **_scaled("apparent_power", "VA", 0x34, 4, 0),  # 10^(nn-3) kVA (2018)
+    # Heat cost allocator rating factors (EN 834), fixed point with 12 fraction bits
+    # (2018).  Kq (0x69) is kept raw: public decoders disagree on its scale.
+    **{0x68: ("resulting_rating_factor", "", "number", 1, 4096)},
+    **_single(0x69, "thermal_output_rating_factor"),
+    **{0x6A: ("thermal_coupling_rating_factor", "", "number", 1, 4096)},
+    **{0x6B: ("thermal_coupling_rating_factor_room", "", "number", 1, 4096)},
+    **{0x6C: ("thermal_coupling_rating_factor_heater", "", "number", 1, 4096)},
+    **{0x6D: ("low_temperature_rating_factor", "", "number", 1, 4096)},
+    **{0x6E: ("display_output_scaling_factor", "", "number", 1, 4096)},
     **_scaled("flow_temperature", "degF", 0x58, 4, -3),
     **_scaled("return_temperature", "degF", 0x5C, 4, -3),
     **_scaled("temperature_difference", "K", 0x60, 4, -3, num=5, den=9),  # in degF
@@ -655,6 +692,45 @@ def _decode_datetime(data: bytes) -> str | None:
     return f"{date}T{hour:02d}:{minute:02d}:{seconds:02d}"
 
 
+def _utc_offset(text: str, summer: bool) -> str | None:
+    """The UTC offset ("+02:00") of a type F local time, in this host's time zone, when
+    its SU (summer time) bit decides it; None when it does not.
+
+    SU set: the zone's summer-time offset at that local time, if the zone has one then.
+    SU clear: the standard-time offset, but only in the autumn's repeated hour, where
+    the local time alone names two instants.  Elsewhere a clear bit says nothing: meters
+    that ignore summer time send it clear all year.
+    """
+    if not time.daylight:  # a zone without summer time (UTC): nothing to decide
+        return None
+    import datetime as dt
+
+    fields = (int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]),
+              int(text[14:16]))  # fmt: skip
+    # The local time read as UTC, then moved by the zone's standard and summer offsets
+    # (time.timezone, time.altzone: seconds west): each reading that gives this local
+    # time back exists.  (mktime with tm_isdst=1 would search a year for summer time.)
+    wall = (dt.date(*fields[:3]).toordinal() - 719163) * 86400 + fields[3] * 3600 + fields[4] * 60
+    offsets = {}
+    for isdst, west in ((0, time.timezone), (1, time.altzone)):
+        try:
+            local = time.localtime(wall + west)
+        except (OverflowError, ValueError, OSError):
+            return None
+        if local.tm_isdst == isdst and local[:5] == fields:
+            offsets[isdst] = local.tm_gmtoff
+    if summer:
+        offset = offsets.get(1)
+    elif len(offsets) == 2:
+        offset = offsets[0]
+    else:
+        return None
+    if offset is None:
+        return None
+    sign = "-" if offset < 0 else "+"
+    return f"{sign}{abs(offset) // 3600:02d}:{abs(offset) % 3600 // 60:02d}"
+
+
 def _real32_decimal(data: bytes):
     """The shortest decimal that a 32-bit real stands for, as an exact (numerator,
     denominator) pair; None for NaN and infinities."""
@@ -738,10 +814,11 @@ def _finish_vib(vib: _Vib, raw: bytes) -> _Vib:
     return vib
 
 
-def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
+def _read_vib(payload: bytes, pos: int, end: int, msb: bool = False) -> tuple:
     """The VIF and its VIFEs at ``pos``; returns (_Vib, new position).
 
-    A meter sends the same few VIBs in every answer: each is parsed once.
+    A meter sends the same few VIBs in every answer: each is parsed once.  ``msb``: a
+    plain-text unit comes first character first (CI 0x76), not last first.
     """
     if pos >= end:
         raise FrameError(f"record ends before its VIF at byte {pos}")
@@ -750,7 +827,7 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     if vib is not None:
         return vib, pos + 1
     if vif & 0x7F == 0x7C:  # plain text: the unit is part of the VIB, not cached
-        vib, stop = _parse_vib(payload, pos, end)
+        vib, stop = _parse_vib(payload, pos, end, msb)
         return _finish_vib(vib, payload[pos:stop]), stop
     stop = pos + 1
     while payload[stop - 1] & 0x80:
@@ -770,7 +847,7 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     return vib, stop
 
 
-def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
+def _parse_vib(payload: bytes, pos: int, end: int, msb: bool = False) -> tuple:
     start = pos
     vif = payload[pos]
     pos += 1
@@ -782,7 +859,8 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
         length = payload[pos]
         if pos + 1 + length > end:
             raise FrameError(f"plain-text VIF of {length} bytes runs past the frame")
-        text_unit = payload[pos + 1 : pos + 1 + length][::-1].decode("latin-1")
+        text = payload[pos + 1 : pos + 1 + length]
+        text_unit = (text if msb else text[::-1]).decode("latin-1")
         pos += 1 + length
     vifes = []
     extension = vif & 0x80
@@ -803,11 +881,13 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
         manufacturer = bytes(vifes)
         rest = []
     elif code in (0x7B, 0x7D):
+        table = FB_VIFES if code == 0x7B else FD_VIFES
+        if vifes and code == 0x7D and vifes[0] & 0x7F == 0x7D:  # FD FD: the second level
+            table, vifes = FD_FD_VIFES, vifes[1:]
         if vifes:
-            table = FB_VIFES if code == 0x7B else FD_VIFES
             spec = table.get(vifes[0] & 0x7F) or ("reserved", "", "number", 1, 1)
             rest = vifes[1:]
-        else:  # an extension VIF without its VIFE: nothing says what it is
+        else:  # an extension VIF(E) without its code: nothing says what it is
             spec = ("unknown", "", "number", 1, 1)
     else:
         spec = PRIMARY_VIFS[code]
@@ -816,6 +896,8 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
     vib.manufacturer_vife = manufacturer
     if rest:
         _apply_vifes(vib, rest)
+    if quantity in _RAW_QUANTITIES:  # no unit, so no VIFE can scale it: the raw value
+        vib.unit, vib.num, vib.den, vib.offset = "", 1, 1, None
     if vib.unit == "degF":  # converted to degC as the value is read
         vib.unit = "degC"
         vib.fahrenheit = True
@@ -862,8 +944,14 @@ _INTEGER_CODINGS = frozenset((1, 2, 3, 4, 6, 7))
 _FIXED_NUMBER_CODINGS = _INTEGER_CODINGS | {0x09, 0x0A, 0x0B, 0x0C, 0x0E}  # and BCD
 
 
-def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str) -> tuple:
-    """The data field at ``pos`` by the DIF's coding; returns (value, new position)."""
+def _read_data(
+    payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str, msb: bool = False
+) -> tuple:
+    """The data field at ``pos`` by the DIF's coding; returns (value, new position).
+
+    ``msb``: the field comes most significant byte first (CI 0x76); it is turned round
+    and read as the least-significant-first field of a CI 0x72 answer.
+    """
     length = _DATA_LENGTHS[coding]
     if coding == 0x0D:  # variable length: LVAR byte first
         if pos >= end:
@@ -889,6 +977,8 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
         if pos + length > end:
             raise FrameError(f"variable-length data of {length} bytes runs past the frame")
         data = payload[pos : pos + length]
+        if msb:
+            data = data[::-1]
         pos += length
         if how == "text":
             return data[::-1].decode("latin-1"), pos
@@ -901,6 +991,8 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
     if pos + length > end:
         raise FrameError(f"record data of {length} bytes runs past the frame at byte {pos}")
     data = payload[pos : pos + length]
+    if msb:
+        data = data[::-1]
     pos += length
     if length == 0:
         return None, pos
@@ -922,7 +1014,11 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
     return _number(int.from_bytes(data, "little", signed=True), vib), pos
 
 
-_RAW_QUANTITIES = frozenset(("manufacturer_specific", "unknown"))  # no unit: kept unscaled
+# Quantities whose scale nothing tells (a reserved code means nothing yet, Kq's scale is
+# disputed): the raw value, unscaled, whatever VIFEs follow.
+_RAW_QUANTITIES = frozenset(
+    ("manufacturer_specific", "unknown", "reserved", "thermal_output_rating_factor")
+)
 
 
 def _number(raw, vib: _Vib):
@@ -941,13 +1037,19 @@ _ONE_BYTE = tuple(bytes((i,)) for i in range(256))
 BIT_FIELD_REGISTERS = {"KAM": frozenset((b"\x22",))}
 
 
-def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = None) -> tuple:
-    """The data records of a variable data structure; returns (records, more_follow)."""
+def decode_records(
+    payload: bytes, start: int = 0, manufacturer: str | None = None, msb: bool = False
+) -> tuple:
+    """The data records of a variable data structure; returns (records, more_follow).
+
+    ``msb``: multi-byte fields come most significant byte first (CI 0x76).
+    """
     bit_fields = BIT_FIELD_REGISTERS.get(manufacturer or "", frozenset())
     records = []
     pos = start
     end = len(payload)
     more = False
+    order = "big" if msb else "little"
     while pos < end:
         dif = payload[pos]
         if dif == 0x2F:  # idle filler
@@ -991,16 +1093,17 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             n += 1
             extension = dife & 0x80
         dib = payload[dib_start:pos] if n else _ONE_BYTE[dif]
-        vib, pos = _read_vib(payload, pos, end)
+        vib, pos = _read_vib(payload, pos, end, msb)
         coding = dif & 0x0F
+        utc_offset = None
         if vib.scaled and coding in _FIXED_NUMBER_CODINGS:  # most records: a scaled number
             stop = pos + _DATA_LENGTHS[coding]
             if stop > end:
                 raise FrameError(f"record data runs past the frame at byte {pos}")
             if coding < 8:
-                raw = int.from_bytes(payload[pos:stop], "little", signed=True)
+                raw = int.from_bytes(payload[pos:stop], order, signed=True)
             else:
-                raw = _decode_bcd(payload[pos:stop])
+                raw = _decode_bcd(payload[pos:stop][::-1] if msb else payload[pos:stop])
             if raw is None:
                 value = None
             else:
@@ -1010,7 +1113,11 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             kind = vib.kind
             if vib.manufacturer_vife in bit_fields and vib.quantity == "manufacturer_specific":
                 kind = "bits"
-            value, pos = _read_data(payload, pos, end, coding, vib, kind)
+            start_of_data = pos
+            value, pos = _read_data(payload, pos, end, coding, vib, kind, msb)
+            if kind == "datetime" and coding == 0x04 and value is not None:
+                hour_byte = payload[start_of_data + (2 if msb else 1)]  # type F: SU is bit 7
+                utc_offset = _utc_offset(value, bool(hour_byte & 0x80))
         records.append(
             Record(
                 storage,
@@ -1025,6 +1132,7 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
                 vib.modifiers,
                 vib.manufacturer_vife,
                 vib.text_unit,
+                utc_offset,
             )  # fmt: skip
         )
     return records, more
@@ -1058,11 +1166,15 @@ _FIXED_UNITS: dict = {
 }  # fmt: skip
 
 
-def _decode_fixed(telegram: Telegram, data: bytes) -> None:
-    """CI 0x73: identification, access number, status, medium and units, two counters."""
+def _decode_fixed(telegram: Telegram, data: bytes, msb: bool = False) -> None:
+    """CI 0x73: identification, access number, status, medium and units, two counters.
+
+    ``msb``: CI 0x77, the same with the identification and counters most significant
+    byte first.
+    """
     if len(data) != 16:
         raise FrameError(f"fixed data structure of {len(data)} bytes, expected 16")
-    telegram.id = _bcd_id(data[0:4])
+    telegram.id = _bcd_id(data[3::-1] if msb else data[0:4])
     telegram.access_number = data[4]
     telegram.status = data[5]
     type1, type2 = data[6], data[7]
@@ -1071,6 +1183,8 @@ def _decode_fixed(telegram: Telegram, data: bytes) -> None:
     binary = telegram.status & 0x80
     units = []
     for type_byte, counter in ((type1, data[8:12]), (type2, data[12:16])):
+        if msb:
+            counter = counter[::-1]
         code = type_byte & 0x3F
         storage = 0
         if code == 0x3E:  # the same unit as counter 1, a historic value
@@ -1082,6 +1196,12 @@ def _decode_fixed(telegram: Telegram, data: bytes) -> None:
     telegram.records = units
 
 
+def _header_lsb_first(data: bytes) -> bytes:
+    """A CI 0x76 payload with its header's identification number, manufacturer and
+    signature turned round, as a CI 0x72 answer sends them (the records follow as sent)."""
+    return data[3::-1] + data[5:3:-1] + data[6:10] + data[11:9:-1] + data[12:]
+
+
 def decode_telegram(buf: bytes) -> Telegram:
     """A whole RSP_UD frame to a Telegram; FrameError (or ApplicationError) otherwise."""
     frame = parse_long_frame(bytes(buf))
@@ -1091,9 +1211,12 @@ def decode_telegram(buf: bytes) -> Telegram:
         code = data[0] if data else 0
         reason = APPLICATION_ERRORS.get(code, f"application error 0x{code:02X}")
         raise ApplicationError(f"meter reports an application error: {reason}")
-    if frame.ci == 0x72:
+    msb = frame.ci in (0x76, 0x77)  # EN 1434-3 "mode 2": multi-byte fields MSB first
+    if frame.ci == 0x72 or frame.ci == 0x76:
         if len(data) < 12:
             raise FrameError(f"header of {len(data)} bytes, expected 12")
+        if msb:
+            data = _header_lsb_first(data)
         telegram.id = _bcd_id(data[0:4])
         telegram.manufacturer = _manufacturer_code(data[4] | data[5] << 8)
         telegram.version = data[6]
@@ -1111,13 +1234,13 @@ def decode_telegram(buf: bytes) -> Telegram:
         start = 4
     elif frame.ci == 0x78:
         start = 0
-    elif frame.ci == 0x73:
-        _decode_fixed(telegram, data)
+    elif frame.ci == 0x73 or frame.ci == 0x77:
+        _decode_fixed(telegram, data, msb)
         return telegram
     else:
         raise FrameError(f"CI field 0x{frame.ci:02X} is not a data answer")
     telegram.records, telegram.more_records_follow = decode_records(
-        data, start, telegram.manufacturer
+        data, start, telegram.manufacturer, msb
     )
     return telegram
 
@@ -1221,6 +1344,7 @@ class Bus:
         self._last = 0.0  # when the last byte came
         self.sent_at = 0.0  # when the last request had left
         self.heard = 0  # bytes received so far: more after a failure means garbled, not silent
+        self.on_answer = None  # called with (address, frame, baudrate) for every answer accepted
 
     def set_baudrate(self, baudrate: int) -> None:
         """Talk at another rate from now on (only a change reconfigures the port: a pty
@@ -1423,11 +1547,14 @@ class Bus:
 
             def once(request=request):
                 self._send(request)
-                telegram = decode_telegram(self._answer(request, want_frame=True))
+                frame = self._answer(request, want_frame=True)
+                telegram = decode_telegram(frame)
                 if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and telegram.address != target:
                     raise BusError(f"answer from address {telegram.address}, not {target}")
                 if secondary is not None and telegram.id != secondary:
                     raise BusError(f"answer from meter {telegram.id}, not {secondary}")
+                if self.on_answer is not None:
+                    self.on_answer(secondary or target, frame, self.baudrate)
                 return telegram
 
             telegram = self._attempts("REQ_UD2", once)
@@ -1806,6 +1933,8 @@ QUANTITY_NAMES = {
     "mass": ("mass_kilograms", True, ()),
     "on_time": ("on_time_seconds", True, ()),
     "operating_time": ("operating_time_seconds", True, ()),
+    "reactive_energy": ("reactive_energy_var_hours", True, ()),
+    "apparent_energy": ("apparent_energy_volt_ampere_hours", True, ()),
     "power": ("power_watts", False, ()),
     "volume_flow": ("volume_flow_cubic_meters_per_second", False, ()),
     "mass_flow": ("mass_flow_kilograms_per_second", False, ()),
@@ -1835,6 +1964,10 @@ UNIT_SUFFIXES = {
     "V": "volts",
     "A": "amperes",
     "percent": "percent",
+    "var": "vars",
+    "VA": "volt_amperes",
+    "Hz": "hertz",
+    "deg": "degrees",
 }
 
 FUNCTION_PREFIXES = {"instantaneous": "", "maximum": "max_", "minimum": "min_", "error": "error_"}
@@ -1862,9 +1995,11 @@ HELP = {
     "e8_cubic_meters_celsius_total": "Kamstrup E8: volume times flow temperature t1.",
     "e9_cubic_meters_celsius_total": "Kamstrup E9: volume times return temperature t2.",
     "error_flags": "Error flags of the meter (bit field, FD 17).",
-    "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone.",
+    "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone "
+    "(its summer-time bit decides the autumn's repeated hour).",
     "register_date_timestamp_seconds": "Stored date (e.g. the target date), local midnight.",
     "manufacturer_register": "A manufacturer-specific register, raw value.",
+    "reserved_register": "A record whose VIF code EN 13757-3 still reserves, raw value.",
 }
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -1878,12 +2013,12 @@ IDENTIFIERS = (
 )  # fmt: skip
 SECRETS = frozenset(
     ("access_code_user", "access_code_operator", "access_code_system_operator",
-     "access_code_developer", "password")
+     "access_code_developer", "password", "security_key")
 )  # fmt: skip
 
 RESERVED_LABELS = frozenset(
     ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
-     "manufacturer", "version", "medium", "vife", "record", "unit", *IDENTIFIERS)
+     "manufacturer", "version", "medium", "vife", "vib", "record", "unit", *IDENTIFIERS)
 )  # fmt: skip
 
 
@@ -1891,11 +2026,14 @@ def _metric_part(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]+", "_", text).strip("_").lower()
 
 
-def _local_timestamp(text: str) -> float | None:
-    """Seconds since the epoch of a meter's local date or date-time, in this host's zone."""
+def _local_timestamp(text: str, utc_offset: str | None = None) -> float | None:
+    """Seconds since the epoch of a meter's local date or date-time, in this host's zone
+    (at ``utc_offset`` when the meter's SU bit placed it)."""
     import datetime as dt
 
     try:
+        if utc_offset:
+            return dt.datetime.fromisoformat(text + utc_offset).timestamp()
         if "T" in text:
             value = dt.datetime.fromisoformat(text)
         else:
@@ -1921,7 +2059,7 @@ def record_series(telegram: Telegram, record: Record):
     if quantity in ("date", "datetime"):
         if not isinstance(value, str):
             return None
-        value = _local_timestamp(value)
+        value = _local_timestamp(value, record.utc_offset)
         if value is None:
             return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -1933,6 +2071,10 @@ def record_series(telegram: Telegram, record: Record):
         else:
             base = "manufacturer_register"
             labels = (("register", record.manufacturer_vife.hex() or "none"),)
+    elif quantity == "reserved":  # a code with no meaning yet: the raw value, by its VIB
+        base = "reserved_register"
+        labels = (("vib", record.vib.hex()),)
+        named.update(record.modifiers)  # the VIB label already says them
     elif quantity in QUANTITY_NAMES:
         base, counter, labels = QUANTITY_NAMES[quantity]
         if quantity == "energy" and (
@@ -2273,7 +2415,8 @@ def telegram_json(telegram: Telegram) -> str:
     parts = []
     for record in telegram.records:
         # DIB and VIB fix every field but the value (the fixed structure has neither)
-        shape = (record.dib, record.vib, record.storage, record.quantity, record.unit)
+        shape = (record.dib, record.vib, record.storage, record.quantity, record.unit,
+                 record.utc_offset)  # fmt: skip
         template = _RECORD_JSON.get(shape)
         if template is None:
             fields = record.to_json()
@@ -2510,8 +2653,8 @@ def _fail(message: str) -> None:
     click.echo(f"{_prog()}: {message}", err=True)
 
 
-def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list:
-    """Read every address in turn, one Reading each.
+def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answer=None) -> list:
+    """Read every address in turn, one Reading each (``on_answer``: see Bus.on_answer).
 
     A port that fails (an adapter unplugged or reset) fails the meter being read; it
     is opened anew for the next one, and when that fails too, the meters left get that
@@ -2532,6 +2675,7 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list
                 port_error = str(exc)
             else:
                 bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
+                bus.on_answer = on_answer
         if port_error is not None:
             readings.append(Reading(address, error=port_error, port=True))
             continue
@@ -2690,6 +2834,15 @@ Examples:
     help="Decode hex frames from FILE (- for stdin) instead of reading the bus.",
 )
 @click.option(
+    "--capture",
+    "capture_file",
+    envvar="KAMSTRUP_CAPTURE",
+    default=None,
+    metavar="FILE",
+    help="With --once: append every answer to FILE as hex, each after a # line saying when, "
+    "port, address and baud rate; --decode FILE reads it back.",
+)
+@click.option(
     "--scan",
     is_flag=True,
     help="Probe primary addresses 0-250 and list the meters that answer.",
@@ -2703,7 +2856,7 @@ Examples:
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
 @click.version_option(__version__)
 def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, decode_file,
-        scan, scan_secondary, verbose):  # fmt: skip
+        capture_file, scan, scan_secondary, verbose):  # fmt: skip
     """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
 
     Give one of --once (read the meters, write the file: what the timer runs),
@@ -2731,7 +2884,10 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     if output is None:  # a decoded capture never replaces the live file unless asked to
         output = "-" if decode_file is not None else DEFAULT_OUTPUT
+    if capture_file is not None:
+        _check_capture(capture_file, once, output)
     addresses = list(dict.fromkeys(addresses)) or [ADDRESS_ANY]
+    capture = None
 
     if decode_file is not None:
         try:
@@ -2749,8 +2905,13 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     elif scan or scan_secondary:
         sys.exit(_scan(port, baudrate, timeout or 0.0, retries, log, secondary=scan_secondary))
     else:
-        readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout or 1.0,
-                               retries=retries, log=log)  # fmt: skip
+        capture = _Capture(capture_file, port) if capture_file else None
+        try:
+            readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout or 1.0,
+                                   retries=retries, log=log, on_answer=capture)  # fmt: skip
+        finally:
+            if capture is not None:
+                capture.close()
         _report(readings)
 
     if fmt == "json":
@@ -2763,7 +2924,66 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     except OutputError as exc:
         _fail(str(exc))
         sys.exit(1)
-    sys.exit(1 if any(r.error for r in readings) else 0)
+    failed = any(r.error for r in readings) or (capture is not None and capture.failed)
+    sys.exit(1 if failed else 0)
+
+
+def _check_capture(path: str, once: bool, output: str) -> None:
+    """--capture is for a live read, into a file of its own that node_exporter ignores."""
+    if not once:
+        raise click.UsageError("--capture records the answers of a live read: use it with --once")
+    if path == "-":
+        raise click.UsageError("--capture needs a file, not -")
+    if path.endswith(".prom"):
+        raise click.UsageError(f"--capture {path}: node_exporter would read a .prom file")
+    if output != "-" and os.path.realpath(path) == os.path.realpath(output):
+        raise click.UsageError(f"--capture {path} is the --output file")
+
+
+class _Capture:
+    """--capture FILE: each answer appended as hex after a comment line.  Writing is
+    best effort: the first failure is one line on stderr, the read goes on without it."""
+
+    def __init__(self, path: str, port: str):
+        self.path = path
+        self.port = port
+        self.failed = False
+        try:
+            self.file = open(path, "a", encoding="ascii")
+        except OSError as exc:
+            self.file = None
+            self._failure(exc)
+
+    def __call__(self, address, frame: bytes, baudrate: int) -> None:
+        if self.file is None:
+            return
+        import datetime as dt
+
+        when = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        header = f"# {when} port {self.port} address {address} baudrate {baudrate}"
+        try:
+            self.file.write(f"{header}\n{frame.hex(' ').upper()}\n")
+            self.file.flush()  # each answer on disk as it comes: a killed run keeps them
+        except OSError as exc:
+            self._failure(exc)
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as exc:
+                self._failure(exc)
+
+    def _failure(self, exc: OSError) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the same failure again: reported once below
+            self.file = None
+        if not self.failed:
+            self.failed = True
+            _fail(f"capture {self.path}: {exc.strerror or exc}; the read goes on without it")
 
 
 def _report(readings: Sequence[Reading]) -> None:
