@@ -283,31 +283,38 @@ class SimulatedBus:
 
 
 def _smear(answers: list, byte_time: float) -> list:
-    """Answers sent at once, as the master hears them: bytes in step are ANDed (a 0 bit
-    from any slave wins on the wire), bytes out of step turn into garbage."""
+    """Answers sent at once, as the master hears them.  Where they overlap, the first
+    bytes of two answers in step AND (a 0 bit from any slave wins on the wire: two E5s
+    make one E5, a lone byte that looks valid); out of step they turn into garbage; and
+    the later bytes of answers that overlap are framing errors (the slaves' clocks
+    drift apart within a few bytes), which Linux reads as 00."""
     events = sorted(
-        (delay + i * byte_time, byte) for delay, data, _ in answers for i, byte in enumerate(data)
+        (delay + i * byte_time, byte, i)
+        for delay, data, _ in answers
+        for i, byte in enumerate(data)
     )
-    heard: list = []  # [time, byte]
-    for when, byte in events:
+    heard: list = []  # [time, byte, first bytes only so far?]
+    for when, byte, index in events:
         if heard and when - heard[-1][0] < byte_time - 1e-9:  # overlaps the byte before
             shift = round((when - heard[-1][0]) / byte_time * 11) % 8
-            if shift:
-                byte = ((byte << shift) | (byte >> (8 - shift))) & 0xFF
-            heard[-1][1] &= byte
+            if index or not heard[-1][2]:
+                heard[-1][1] = 0x00
+            elif shift:
+                heard[-1][1] &= ((byte << shift) | (byte >> (8 - shift))) & 0xFF
+            else:
+                heard[-1][1] &= byte
+            heard[-1][2] = heard[-1][2] and index == 0
         else:
-            heard.append([when, byte])
+            heard.append([when, byte, index == 0])
     runs: list = []  # back to (delay, bytes) runs of back-to-back bytes
-    for when, byte in heard:
+    for when, byte, _ in heard:
         if runs and abs(when - (runs[-1][0] + len(runs[-1][1]) * byte_time)) < 1e-9:
             runs[-1][1].append(byte)
         else:
             runs.append([when, bytearray((byte,))])
     disconnect = any(d for _, _, d in answers)
-    return [
-        (when, bytes(data), disconnect and i == len(runs) - 1)
-        for i, (when, data) in enumerate(runs)
-    ]
+    last = len(runs) - 1
+    return [(when, bytes(data), disconnect and i == last) for i, (when, data) in enumerate(runs)]
 
 
 class SimClock:

@@ -1341,10 +1341,14 @@ class Bus:
         self.log = log
         self.clock = time.monotonic
         self._deadline = 0.0  # the answer to the last request must have begun by then
-        self._last = 0.0  # when the last byte came
+        self.last_byte = 0.0  # when the last byte came
         self.sent_at = 0.0  # when the last request had left
         self.heard = 0  # bytes received so far: more after a failure means garbled, not silent
         self.on_answer = None  # called with (address, frame, baudrate) for every answer accepted
+        try:  # a real port's fd: the last wait before a deadline is a select(), to the ms
+            self._fd = port.fileno()
+        except (AttributeError, OSError, ValueError, TypeError):
+            self._fd = None
 
     def set_baudrate(self, baudrate: int) -> None:
         """Talk at another rate from now on (only a change reconfigures the port: a pty
@@ -1388,14 +1392,14 @@ class Bus:
             limit = self._deadline
             if buf:  # the answer has begun: the rest gets its time from the last byte
                 rest = wire_seconds(n - len(buf), self.baudrate)
-                limit = max(limit, self._last + STALL + 2 * rest)
+                limit = max(limit, self.last_byte + STALL + 2 * rest)
             if self.clock() >= limit:
                 return False
-            chunk = self._io("reading", self.port.read, n - len(buf))
+            chunk = self._read(n - len(buf), limit)
             if chunk:
                 buf += chunk
                 self.heard += len(chunk)
-                self._last = self.clock()
+                self.last_byte = self.clock()
         return True
 
     def _answer(self, request: bytes, want_frame: bool) -> bytes:
@@ -1404,9 +1408,13 @@ class Bus:
         Skips line noise before the start byte and an echo of the request.
         """
         buf = bytearray()
+        skipped = 0
         try:
             while True:
                 if not self._fill(buf, 1):
+                    if skipped:
+                        raise BusError(f"garbled answer: {skipped} bytes and no frame "
+                                       "(several meters at once, or noise)")  # fmt: skip
                     raise BusError(_silence(self.timeout))
                 first = buf[0]
                 if first == request[0]:  # perhaps our own request, echoed by the adapter
@@ -1431,11 +1439,27 @@ class Bus:
                         self._trace("<", buf[:length])
                         return bytes(buf[:length])
                 self._trace("noise", buf[:1])
+                skipped += 1
                 del buf[0]
         except BusError:
             if buf:
                 self._trace("<", buf)
             raise
+
+    def _read(self, n: int, limit: float) -> bytes:
+        """At most ``n`` bytes, back by ``limit``: a pyserial read blocks a whole READ_SLICE
+        when nothing comes, so the last wait before a deadline is a select() on the fd."""
+        remaining = limit - self.clock()
+        if remaining < READ_SLICE and self._fd is not None:
+            import select
+
+            try:
+                ready = remaining > 0 and select.select([self._fd], [], [], remaining)[0]
+            except (OSError, ValueError) as exc:
+                raise PortError(f"port failed while reading: {_reason(exc)}") from None
+            if not ready:
+                return b""
+        return self._io("reading", self.port.read, n)
 
     def quiet(self) -> int:
         """Wait until the line has been quiet for ``pause`` (and a few bytes' time);
@@ -1450,13 +1474,23 @@ class Bus:
             now = self.clock()
             if now - last >= quiet or now >= give_up:
                 break
-            chunk = self._io("reading", self.port.read, LONGEST_ANSWER)
+            chunk = self._read(LONGEST_ANSWER, min(last + quiet, give_up))
             if chunk:
                 dropped += chunk
                 last = self.clock()
         if dropped:
             self._trace("late", dropped)
         return len(dropped)
+
+    def listen(self, until: float) -> float | None:
+        """Read until ``until``; when the first byte came, or None (what came is dropped)."""
+        first = None
+        while self.clock() < until:
+            chunk = self._read(LONGEST_ANSWER, until)
+            if chunk:
+                self._trace("late", chunk)
+                first = self.clock() if first is None else first
+        return first
 
     def pending(self) -> int:
         """Bytes that have come since the last answer was taken (a late answer)."""
@@ -1522,14 +1556,18 @@ class Bus:
                 return self.read_data(ADDRESS_SECONDARY, secondary=address)
             finally:
                 self._deselect()
-        self._ack(snd_nke(address), "SND_NKE")
         if address != ADDRESS_ANY:
+            self._ack(snd_nke(address), "SND_NKE")
             return self.read_data(address)
-        heard = self.heard
         try:
+            self._ack(snd_nke(address), "SND_NKE")
             return self.read_data(address)
-        except BusError as exc:  # garbled on every try: answers that collide
-            if isinstance(exc, PortError) or self.heard == heard or "no answer" in str(exc):
+        except BusError as exc:  # garbled on the last try: answers that collide
+            if (
+                isinstance(exc, PortError)
+                or "garbled" not in str(exc)
+                and "checksum" not in str(exc)
+            ):
                 raise
             raise BusError(f"{SEVERAL_AT_254} ({exc})") from None
 
@@ -1633,19 +1671,24 @@ def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None
     probed: list = []  # (address, when its probe was sent), in order
     for done, address in enumerate(addresses, 1):
         if bus.pending():  # came after the previous probe's window
-            _find_late(bus, probed, found, note)
+            _find_late(bus, probed, found, note, bus.clock())
         result = bus.probe(address)
         probed.append((address, bus.sent_at))
         if result != "silent":
+            came = bus.last_byte  # when what answered came: a late answer's probe was before
             outcome, late = _confirm(bus, address)
             if isinstance(outcome, Telegram):
                 found[address] = Found(outcome, bus.baudrate)
             elif outcome == "collision":
                 note(f"address {address}: {COLLISION}")
             if outcome == "silent" or (late and outcome != "collision"):  # a late answer
-                _find_late(bus, probed[:-1], found, note, also=address)
+                _find_late(bus, probed[:-1], found, note, came, also=address)
         if progress:
             progress(done, len(found))
+    if probed:  # a late answer to the last probes comes after them
+        came = bus.listen(probed[-1][1] + LATE_WINDOW)
+        if came is not None:
+            _find_late(bus, probed, found, note, came)
     return [found[address] for address in sorted(found)]
 
 
@@ -1665,22 +1708,24 @@ def _confirm(bus: Bus, address: int) -> tuple:
     except PortError:
         raise
     except BusError:
-        return ("collision" if bus.heard > heard else "silent"), late
+        garbled = bus.heard > heard
+        bus.quiet()  # the rest of colliding answers is no late answer to the next probe
+        return ("collision" if garbled else "silent"), late
 
 
-def _find_late(bus: Bus, probed: list, found: dict, note, also=None) -> None:
-    """A meter answered after its window: probe again, nearest first, the addresses
-    probed within LATE_WINDOW before, with that window; stop at the first that answers."""
+def _find_late(bus: Bus, probed: list, found: dict, note, came: float, also=None) -> None:
+    """Something answered at ``came``, after its probe's window: probe again, nearest
+    first, the addresses probed within LATE_WINDOW before, with that window, and stop at
+    the first that answers."""
     bus.quiet()
-    now = bus.clock()
-    recent = [a for a, when in reversed(probed) if now - when <= LATE_WINDOW + bus.timeout]
+    recent = [a for a, sent in reversed(probed) if came - LATE_WINDOW <= sent <= came]
     candidates = ([also] if also is not None else []) + recent
     for address in candidates:
         if address in found:
             continue
         if bus.probe(address, window=LATE_WINDOW) != "ack":
             continue
-        delay = bus._last - bus.sent_at
+        delay = bus.last_byte - bus.sent_at
         saved, bus.timeout = bus.timeout, max(bus.timeout, LATE_WINDOW)
         try:
             outcome, _ = _confirm(bus, address)
