@@ -447,8 +447,8 @@ class _Line:
             return
         start = time.monotonic()
         for i in range(len(data)):
-            if self.stop.is_set():
-                return
+            if self.stop.is_set() or self._gone():
+                return  # nobody listens any more: a real slave would not know, but stop
             target = start + (i + 1) * byte_time  # a byte is there once its 11 bits are
             wait = target - time.monotonic()
             if wait > 0:
@@ -473,6 +473,10 @@ class _Line:
                 return False
         return True
 
+    def _gone(self) -> bool:
+        """Whether the client went away (a pty's hang-up); a TCP send fails instead."""
+        return False
+
     def close(self) -> None:
         self.stop.set()
         if self.thread is not None:
@@ -482,17 +486,23 @@ class _Line:
 class PtyLine(_Line):
     """A pseudo-terminal: the tool opens ``self.path``; the simulator owns the master side.
 
-    It serves any number of clients one after another.  Linux keeps a pty's settings
-    while its master is open and refuses a client's configuration that changes nothing
-    it can keep (it drops PARENB), so when a client goes away the line is set back to
-    an idle setting no client uses (50 baud).  ``disconnect`` closes the master: the
-    client's port hangs up (EIO) and the device node goes away, as when a USB
-    adapter is unplugged.
+    It serves any number of clients, one after another or at once.  Linux keeps a pty's
+    settings while its master is open and refuses a configuration that changes nothing
+    it keeps (it drops PARENB, so a second 8E1 set-up looks like no change: EINVAL).  So
+    the line is kept at an idle speed no client uses (50 baud): in packet mode with
+    EXTPROC the master hears of every configuration at once, notes the speed the client
+    set (the meters hear only requests at their rate) and sets the line back to idle.
+    ``disconnect`` closes the master: the client's port hangs up (EIO) and the device
+    node goes away, as when a USB adapter is unplugged.
     """
 
     IDLE_SPEED = "B50"
+    EXTPROC = 0o200000  # Linux's termios flag (Python's termios module lacks the name)
+    TIOCPKT_IOCTL = 0x40  # packet mode: the slave's termios changed
 
     def __init__(self, bus: SimulatedBus, baudrate: int = 2400, pace: bool = True):
+        import fcntl
+        import struct
         import termios
         import tty
 
@@ -501,16 +511,17 @@ class PtyLine(_Line):
         tty.setraw(slave)
         self.path = os.ttyname(slave)
         attrs = termios.tcgetattr(self.master)
+        attrs[3] |= self.EXTPROC
         attrs[4] = attrs[5] = getattr(termios, self.IDLE_SPEED)
         termios.tcsetattr(self.master, termios.TCSANOW, attrs)
-        self._idle = attrs
+        fcntl.ioctl(self.master, termios.TIOCPKT, struct.pack("i", 1))
         os.close(slave)  # a client's close is then a hang-up the master sees
-        self.clients = 0  # clients served so far
+        self.rate: int | None = None  # the rate the client set, as last seen
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def client_speed(self) -> int | None:
-        """The baud rate the client set, as the master sees it (None with no client)."""
+    def _configured(self) -> None:
+        """A client set the line up: note its speed and set the line back to idle."""
         import termios
 
         if not hasattr(self, "_speeds"):
@@ -519,40 +530,48 @@ class PtyLine(_Line):
                 for name in dir(termios)
                 if name.startswith("B") and name[1:].isdigit()
             }
-        return self._speeds.get(termios.tcgetattr(self.master)[4])
+        attrs = termios.tcgetattr(self.master)
+        idle = getattr(termios, self.IDLE_SPEED)
+        if attrs[4] != idle:
+            self.rate = self._speeds.get(attrs[4])
+            attrs[4] = attrs[5] = idle
+            termios.tcsetattr(self.master, termios.TCSANOW, attrs)
+
+    def client_speed(self) -> int | None:
+        """The baud rate the client set, as last seen."""
+        return self.rate
+
+    def _gone(self) -> bool:
+        events = select.poll()
+        events.register(self.master, select.POLLIN)
+        found = events.poll(0)
+        return bool(found) and bool(found[0][1] & select.POLLHUP)
 
     def _run(self) -> None:
-        import termios
-
         poller = select.poll()
-        poller.register(self.master, select.POLLIN)
-        present = False
+        poller.register(self.master, select.POLLIN | select.POLLPRI)
         while not self.stop.is_set():
             events = poller.poll(50)
             flags = events[0][1] if events else 0
-            if flags & select.POLLIN:
+            if flags & (select.POLLIN | select.POLLPRI):
                 try:
-                    data = os.read(self.master, 4096)
+                    packet = os.read(self.master, 4096)
                 except OSError:  # the client closed between poll and read
-                    data = b""
-                if data:
-                    present = True
+                    packet = b""
+                if packet[:1] == b"\x00" and len(packet) > 1:  # data from the client
                     send = lambda b: os.write(self.master, b)  # noqa: E731
-                    if not self._answer(data, send, self._unplug, self.client_speed()):
+                    self._answer(packet[1:], send, self._unplug, self.rate)
+                    if self.master < 0:  # unplugged: the line is gone for good
                         return
                     continue
+                if packet and packet[0] & self.TIOCPKT_IOCTL:
+                    self._configured()
+                    continue
+                if packet:
+                    continue
             if flags & (select.POLLHUP | select.POLLERR):  # nobody has the pty open
-                if present or termios.tcgetattr(self.master) != self._idle:
-                    # only while nobody has it open: look again just before the reset
-                    again = poller.poll(0)
-                    if again and again[0][1] & select.POLLHUP:
-                        termios.tcsetattr(self.master, termios.TCSANOW, self._idle)
-                        self.bus.buffer.clear()
-                        self.clients += present
-                        present = False
-                time.sleep(0.01)
-            else:
-                present = True
+                self.bus.buffer.clear()  # a request cut off by the hang-up is forgotten
+                time.sleep(0.001)  # poll() cannot wait for a client while the pty hangs up
 
     def _unplug(self) -> None:
         master, self.master = self.master, -1
@@ -645,10 +664,14 @@ def _parse_meter(text: str) -> Meter:
     try:
         if len(parts) > 1:
             meter.address = int(parts[1])
-        if len(parts) > 2:
-            meter.ident = parts[2]
     except ValueError:
         raise ValueError(f"{what!r} is not KIND[:ADDRESS[:ID]]") from None
+    if not 0 <= meter.address <= 250:
+        raise ValueError(f"{what!r}: address {meter.address} is not a primary address (0-250)")
+    if len(parts) > 2:
+        meter.ident = parts[2]
+        if not (meter.ident.isascii() and meter.ident.isdigit() and len(meter.ident) == 8):
+            raise ValueError(f"{what!r}: {meter.ident!r} is not an 8-digit id")
     for fault in faults:
         name, sep, value = fault.partition("=")
         kind = _FAULTS.get(name)
@@ -674,11 +697,16 @@ def run(command: list, env: dict) -> int:
     except OSError as exc:
         print(f"kamstrup-sim: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
         return 127
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command decides
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),  # the command decides
+        # a SIGTERM for us alone (systemd's stop, kill) is passed on, not left behind
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda n, f: child.send_signal(n)),
+    }
     try:
         status = child.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 128 - status if status < 0 else status
 
 
@@ -707,6 +735,12 @@ def main(argv=None) -> int:
         meters = [_parse_meter(text) for text in args.meter] or [Meter()]
     except ValueError as exc:
         parser.error(str(exc))
+    if not 300 <= args.baudrate <= 38400:
+        parser.error(f"baud rate {args.baudrate} is not from 300 to 38400")
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":")
+        if not (port.isdigit() and 0 <= int(port) <= 65535):
+            parser.error(f"--tcp {args.tcp}: port {port} is not from 0 to 65535")
     bus = SimulatedBus(meters, echo=args.echo)
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")

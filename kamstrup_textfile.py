@@ -1330,6 +1330,8 @@ class Bus:
     """
 
     def __init__(self, port, *, baudrate=2400, timeout=1.0, retries=2, pause=0.1, log=None):
+        if not (math.isfinite(timeout) and math.isfinite(pause)):  # NaN would never pass
+            raise ValueError(f"timeout {timeout!r} and pause {pause!r} must be numbers")
         self.port = port
         self.baudrate = baudrate
         self.asked = timeout  # what the user asked for; the standard's limit may be more
@@ -1341,6 +1343,8 @@ class Bus:
         self.log = log
         self.clock = time.monotonic
         self._deadline = 0.0  # the answer to the last request must have begun by then
+        self._hard_limit = 0.0  # and must be over by then
+        self._begun = False
         self.last_byte = 0.0  # when the last byte came
         self.sent_at = 0.0  # when the last request had left
         self.heard = 0  # bytes received so far: more after a failure means garbled, not silent
@@ -1363,9 +1367,13 @@ class Bus:
     def _io(self, doing: str, call, *args):
         try:
             return call(*args)
-        except PORT_ERRORS as exc:
+        except Exception as exc:  # the port is foreign code: whatever it raises, one line
             reason = _reason(exc)
-            if any(sign in reason for sign in _HANGUP_SIGNS):
+            if not isinstance(exc, PORT_ERRORS):
+                reason = f"{type(exc).__name__}: {reason}"
+            if "multiple access" in reason:  # pyserial's own guess: keep it, no second one
+                pass
+            elif any(sign in reason for sign in _HANGUP_SIGNS):
                 reason += " (is the M-Bus adapter still plugged in?)"
             raise PortError(f"port failed while {doing}: {reason}") from None
 
@@ -1385,14 +1393,20 @@ class Bus:
         self.sent_at = self.clock() + wire_seconds(len(frame), self.baudrate)
         window = self.timeout if timeout is None else timeout
         self._deadline = self.sent_at + wire_seconds(1, self.baudrate) + window
+        # however the bytes come, no answer lasts longer than the longest frame (twice,
+        # for adapters in bursts): a line that babbles cannot hold a read past this
+        self._hard_limit = (
+            self._deadline + 2 * wire_seconds(LONGEST_ANSWER + len(frame), self.baudrate) + STALL
+        )
+        self._begun = False  # a byte has come since the request
 
     def _fill(self, buf: bytearray, n: int) -> bool:
         """Read until ``buf`` holds ``n`` bytes; False when they do not come in time."""
         while len(buf) < n:
             limit = self._deadline
-            if buf:  # the answer has begun: the rest gets its time from the last byte
+            if self._begun:  # the answer has begun: the rest gets its time from the last byte
                 rest = wire_seconds(n - len(buf), self.baudrate)
-                limit = max(limit, self.last_byte + STALL + 2 * rest)
+                limit = min(max(limit, self.last_byte + STALL + 2 * rest), self._hard_limit)
             if self.clock() >= limit:
                 return False
             chunk = self._read(n - len(buf), limit)
@@ -1400,6 +1414,7 @@ class Bus:
                 buf += chunk
                 self.heard += len(chunk)
                 self.last_byte = self.clock()
+                self._begun = True
         return True
 
     def _answer(self, request: bytes, want_frame: bool) -> bytes:
@@ -1597,10 +1612,12 @@ class Bus:
 
             telegram = self._attempts("REQ_UD2", once)
             if telegrams and _same_reading(telegram, telegrams[-1]):
-                raise BusError(
-                    f"telegram {len(telegrams) + 1} repeats telegram {len(telegrams)} "
-                    "although the FCB was toggled: the meter ignores the FCB"
-                )
+                n = len(telegrams)
+                if telegram.access_number == telegrams[-1].access_number:
+                    raise BusError(f"telegram {n + 1} repeats telegram {n} although the FCB "
+                                   "was toggled: the meter ignores the FCB")  # fmt: skip
+                raise BusError(f"telegram {n + 1} repeats the records of telegram {n} and says "
+                               "more records follow again: the meter would never stop")  # fmt: skip
             telegrams.append(telegram)
             if not telegram.more_records_follow:
                 return merge_telegrams(telegrams)
@@ -1879,17 +1896,18 @@ def open_port(url: str, baudrate: int, wait: float = 10.0):
 def port_holders(device: str) -> str:
     """The other processes that have ``device`` open, e.g. 'screen (pid 812)', or ''.
 
-    Linux only (/proc/PID/fd), and only the processes this user may look into.
+    Linux only (/proc/PID/fd, read with readlink: a stat would follow each link into
+    whatever file system it points at, a hung NFS mount too), and only the processes
+    this user may look into (not from the hardened unit: ProtectProc=invisible).
     """
-    try:
-        node = os.stat(device)
-    except (OSError, ValueError):  # a URL, or no such device
+    if "://" in device:
         return ""
-    found = []
+    target = os.path.realpath(device)
     try:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
     except OSError:
         return ""
+    found = []
     for pid in pids:
         if int(pid) == os.getpid():
             continue
@@ -1899,17 +1917,17 @@ def port_holders(device: str) -> str:
             continue
         for fd in fds:
             try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != target:
+                    continue
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) == (node.st_dev, node.st_ino):
-                try:
-                    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                        name = f.read().strip()
-                except OSError:
-                    name = "?"
-                found.append(f"{name} (pid {pid})")
-                break
+            try:
+                with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                    name = f.read().strip()
+            except OSError:
+                name = "?"
+            found.append(f"{name} (pid {pid})")
+            break
     return ", ".join(found)
 
 
@@ -2060,6 +2078,9 @@ SECRETS = frozenset(
     ("access_code_user", "access_code_operator", "access_code_system_operator",
      "access_code_developer", "password", "security_key")
 )  # fmt: skip
+
+# le and quantile belong to histograms and summaries; Prometheus sets job and instance.
+PROMETHEUS_LABELS = frozenset(("le", "quantile", "job", "instance"))
 
 RESERVED_LABELS = frozenset(
     ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
@@ -2248,8 +2269,10 @@ def meter_label(telegram: Telegram, address) -> str:
 
 def identity(telegram: Telegram, address) -> tuple:
     """What makes a meter the same meter: ids are unique only per manufacturer (and can be
-    reprogrammed), so id, manufacturer, version and medium together."""
-    return (meter_label(telegram, address), telegram.manufacturer, telegram.version,
+    reprogrammed), so id, manufacturer, version and medium together (as the labels of
+    kamstrup_meter_info say them)."""
+    version = "" if telegram.version is None else str(telegram.version)
+    return (meter_label(telegram, address), telegram.manufacturer or "", version,
             telegram.medium_name)  # fmt: skip
 
 
@@ -2331,10 +2354,11 @@ def readings_from_frames(frames: Sequence[bytes]) -> list:
     return readings
 
 
-def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) -> str:
-    """The whole .prom text for a run. ``last_success`` maps address label -> unix time."""
+def exposition(readings: Sequence[Reading], const_labels=(), previous=None) -> str:
+    """The whole .prom text for a run; ``previous``: what the previous file said."""
+    previous = previous or Previous()
     exp = Exposition(const_labels)
-    last_success = dict(last_success or {})
+    last_success = dict(previous.last_success)
     now = time.time()
     for reading in readings:
         address = (("address", str(reading.address)),)
@@ -2344,14 +2368,15 @@ def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) 
         if up:
             last_success[str(reading.address)] = now
             t = reading.telegram
+            meter, manufacturer, version, medium = identity(t, reading.address)
             exp.add(
                 "meter_info",
                 address
                 + (
-                    ("meter", meter_label(t, reading.address)),
-                    ("manufacturer", t.manufacturer or ""),
-                    ("version", "" if t.version is None else str(t.version)),
-                    ("medium", t.medium_name),
+                    ("meter", meter),
+                    ("manufacturer", manufacturer),
+                    ("version", version),
+                    ("medium", medium),
                 )
                 + identifier_labels(t),
                 1,
@@ -2360,13 +2385,32 @@ def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) 
         if when is not None:
             exp.add("last_success_timestamp_seconds", address, round(when, 3))
     meters = first_of_each_meter(readings)
-    ids = [meter_label(r.telegram, r.address) for r in meters]
-    for reading, meter in zip(meters, ids):
+    shared = shared_ids(readings, previous)
+    for reading in meters:
+        meter = meter_label(reading.telegram, reading.address)
         labels: tuple = (("meter", meter),)
-        if ids.count(meter) > 1:  # two meters with one id: told apart by their address
+        if meter in shared:  # two meters with one id: told apart by their address
             labels += (("address", str(reading.address)),)
         add_telegram(exp, reading.telegram, labels)
     return exp.render()
+
+
+def shared_ids(readings: Sequence[Reading], previous) -> set:
+    """The ids that two different meters of this bus have: those of this run, those the
+    previous file saw at an address not read now, and those it already told apart.  So
+    a meter's series keep their labels, and never get the other one's values, whichever
+    of the two answers in a run."""
+    seen: dict = {}  # address -> identity
+    for reading in readings:
+        key = str(reading.address)
+        if reading.telegram is not None:
+            seen[key] = identity(reading.telegram, reading.address)
+        elif key in previous.identities:
+            seen[key] = previous.identities[key]
+    by_id: dict = {}
+    for meter, *rest in seen.values():
+        by_id.setdefault(meter, set()).add(tuple(rest))
+    return {meter for meter, kinds in by_id.items() if len(kinds) > 1} | previous.told_apart
 
 
 def first_of_each_meter(readings: Sequence[Reading]) -> list:
@@ -2384,10 +2428,8 @@ def first_of_each_meter(readings: Sequence[Reading]) -> list:
     return out
 
 
-_LAST_SUCCESS = re.compile(
-    r'^kamstrup_last_success_timestamp_seconds\{((?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*)\}'
-    r"\s+(\S+)\s*$",
-    re.M,
+_SAMPLE_LABELS = re.compile(
+    r'^kamstrup_(\w+)\{((?:[a-zA-Z_]\w*="(?:[^"\\]|\\.)*",?)*)\}\s+(\S+)\s*$', re.M
 )
 _LABEL_PAIR = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
 
@@ -2396,40 +2438,65 @@ def _unescape_label(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
 
 
-_PREVIOUS_LIMIT = 16 << 20  # bytes of the previous file read for its last-success times
+_PREVIOUS_LIMIT = 16 << 20  # bytes of the previous file read
 
 
-def previous_last_success(path: str) -> dict:
-    """The last-success times kept in the previous file, so they survive failed runs.
+class Previous(_Plain):
+    """What the previous file said, carried over to this run: each address's last good
+    read (survives failed runs), the identity of the meter that answered at it, and the
+    ids of meters already told apart by their address."""
 
-    Only a regular file is read (a fifo would block, /dev/zero never end), and only as
-    much of it as a .prom file of ours can be.
-    """
+    __slots__ = ("last_success", "identities", "told_apart")
+
+    def __init__(self, last_success=None, identities=None, told_apart=None):
+        self.last_success = last_success or {}
+        self.identities = identities or {}
+        self.told_apart = told_apart or set()
+
+
+_PER_ADDRESS = frozenset(("up", "read_duration_seconds", "last_success_timestamp_seconds",
+                          "meter_info"))  # fmt: skip
+
+
+def read_previous(path: str) -> Previous:
+    """The previous file's Previous.  Only a regular file is read (a fifo would block,
+    /dev/zero never end), and only as much as a .prom file of ours can be."""
     import stat
 
+    previous = Previous()
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return {}
+        return previous
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return {}
+            return previous
         with os.fdopen(fd, "rb", closefd=False) as f:
             text = f.read(_PREVIOUS_LIMIT).decode("utf-8")
     except (OSError, UnicodeDecodeError):
-        return {}
+        return previous
     finally:
         os.close(fd)
-    out = {}
-    for labels, value in _LAST_SUCCESS.findall(text):
-        pairs = dict(_LABEL_PAIR.findall(labels))
-        if "address" not in pairs:
-            continue
-        try:
-            out[_unescape_label(pairs["address"])] = float(value)
-        except ValueError:
-            pass
-    return out
+    for family, labels, value in _SAMPLE_LABELS.findall(text):
+        pairs = {k: _unescape_label(v) for k, v in _LABEL_PAIR.findall(labels)}
+        address = pairs.get("address")
+        if family == "last_success_timestamp_seconds" and address is not None:
+            try:
+                previous.last_success[address] = float(value)
+            except ValueError:
+                pass
+        elif family == "meter_info" and address is not None and "meter" in pairs:
+            previous.identities[address] = tuple(
+                pairs.get(k, "") for k in ("meter", "manufacturer", "version", "medium")
+            )
+        elif family not in _PER_ADDRESS and "meter" in pairs and address is not None:
+            previous.told_apart.add(pairs["meter"])
+    return previous
+
+
+def previous_last_success(path: str) -> dict:
+    """The last-success times kept in the previous file, so they survive failed runs."""
+    return read_previous(path).last_success
 
 
 def render_json(readings: Sequence[Reading]) -> str:
@@ -2498,15 +2565,9 @@ class OutputError(Exception):
     """The .prom file could not be written; the previous one is untouched."""
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new, never half.
-
-    A temporary file in the same directory (its name does not end in .prom, so
-    node_exporter ignores it), mode 0644, flushed and fsynced, renamed over the
-    target, then the directory fsynced.  Any failure removes the temporary file.
-    A link is followed (its target is replaced, not the link); anything but a regular
-    file (a device such as /dev/null, a directory) is refused, never replaced.
-    """
+def check_output(path: str) -> str:
+    """The real path ``path`` leads to, if a file can be written there: found before a
+    meter is read (its battery pays for every read), and again by write_atomic."""
     import stat
 
     path = os.path.realpath(path)
@@ -2518,6 +2579,24 @@ def write_atomic(path: str, text: str) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None
     if mode is not None and not stat.S_ISREG(mode):
         raise OutputError(f"{path} is not a regular file (use --output - for stdout)")
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise OutputError(f"cannot write into {directory}: No such directory")
+    if not os.access(directory, os.W_OK):
+        raise OutputError(f"cannot write into {directory}: Permission denied or read-only")
+    return path
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new, never half.
+
+    A temporary file in the same directory (its name does not end in .prom, so
+    node_exporter ignores it), mode 0644, flushed and fsynced, renamed over the
+    target, then the directory fsynced.  Any failure removes the temporary file.
+    A link is followed (its target is replaced, not the link); anything but a regular
+    file (a device such as /dev/null, a directory) is refused, never replaced.
+    """
+    path = check_output(path)
     _remove_stale_temporaries(path)
     directory = os.path.dirname(path)
     base = os.path.basename(path)
@@ -2568,8 +2647,8 @@ def _remove_stale_temporaries(path: str) -> None:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
         pid = name[len(prefix) : -len(".tmp")]
-        if not pid.isdigit():
-            continue
+        if not (pid.isascii() and pid.isdigit()) or int(pid) == 0:
+            continue  # not a name we give
         # our own pid cannot be a live writer yet (pids are reused after a reboot)
         if int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
@@ -2582,7 +2661,7 @@ def _remove_stale_temporaries(path: str) -> None:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or more than any pid can be
         return False
     except OSError:
         return True
@@ -2595,6 +2674,7 @@ def _pid_alive(pid: int) -> bool:
 
 import click  # noqa: E402  (kept here: the layers above do not need it)
 
+DECODE_LIMIT = 64 << 20  # characters of --decode input: a capture, not an endless device
 PROG = "kamstrup-textfile"  # the name when click cannot tell how we were invoked
 DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/kamstrup.prom"
 
@@ -2609,9 +2689,9 @@ class AddressType(click.ParamType):
             text = str(value)
         else:
             text = str(value).strip()
-        if re.fullmatch(r"\d{8}", text):
+        if re.fullmatch(r"[0-9]{8}", text):
             return text
-        if re.fullmatch(r"\d{1,3}", text):
+        if re.fullmatch(r"[0-9]{1,3}", text):
             number = int(text)
             if number <= 250 or number == ADDRESS_ANY:
                 return number
@@ -2621,6 +2701,18 @@ class AddressType(click.ParamType):
             param,
             ctx,
         )
+
+
+class SecondsType(click.FloatRange):
+    """A number of seconds in a range; NaN, which every range check lets through, is not."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
 
 
 AUTO_RATES = (2400, 9600, 300)  # --baudrate auto tries these, in this order
@@ -2651,10 +2743,12 @@ class LabelType(click.ParamType):
         name, sep, text = str(value).partition("=")
         if not sep:
             self.fail(f"{value!r} is not NAME=VALUE", param, ctx)
-        if not _LABEL_NAME.match(name) or name.startswith("__"):
+        if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
             self.fail(f"{name!r} is not a valid Prometheus label name", param, ctx)
-        if name in RESERVED_LABELS:
+        if name in RESERVED_LABELS or name.startswith(tuple(f"{i}_" for i in IDENTIFIERS)):
             self.fail(f"label {name!r} is set by the tool itself", param, ctx)
+        if name in PROMETHEUS_LABELS:
+            self.fail(f"label {name!r} has a meaning of its own in Prometheus", param, ctx)
         try:  # the environment's bytes arrive as surrogates when they are not UTF-8
             text.encode("utf-8")
         except UnicodeEncodeError:
@@ -2674,9 +2768,17 @@ def _emit(text: str, output: str) -> None:
 
 
 def _stdout(text: str) -> None:
-    """Write to stdout; a full disk or a closed pipe is an OutputError, said once."""
+    """Write to stdout as UTF-8 whatever the locale says; a full disk, a closed pipe or a
+    closed stdout is an OutputError, said once."""
+    if sys.stdout is None:
+        raise OutputError("cannot write to standard output: it is closed")
     try:
-        sys.stdout.write(text)
+        binary = getattr(sys.stdout, "buffer", None)
+        if binary is None:
+            sys.stdout.write(text)
+        else:
+            sys.stdout.flush()
+            binary.write(text.encode("utf-8"))
         sys.stdout.flush()
     except OSError as exc:
         try:  # what is still buffered must not fail again when Python exits
@@ -2698,6 +2800,34 @@ def _fail(message: str) -> None:
     click.echo(f"{_prog()}: {message}", err=True)
 
 
+class Stopped(BaseException):
+    """SIGTERM (systemd's timeout, a shutdown) or Ctrl-C: the read stops where it is."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name
+
+
+_STOPPING = {"signum": None, "raise_": True}  # what the handler does; see main()
+
+
+def _stop(signum, frame) -> None:
+    """The first SIGTERM or SIGINT stops the read (unwinding: no temporary is left, the
+    meters not read are written as such); once the output is being written, a signal
+    waits for the write to end, and the exit status is 128 + the signal's number."""
+    if _STOPPING["signum"] is None:
+        _STOPPING["signum"] = signum
+    if _STOPPING["raise_"]:
+        _STOPPING["raise_"] = False  # a second signal waits for the write to end
+        raise Stopped(signum)
+
+
 def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answer=None) -> list:
     """Read every address in turn, one Reading each (``on_answer``: see Bus.on_answer).
 
@@ -2705,36 +2835,45 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answ
     is opened anew for the next one, and when that fails too, the meters left get that
     error.  A meter that stays silent while another program has the port open is told so.
     With ``baudrate`` "auto" each meter is read at the first rate it answers at (the
-    rate the meter before answered at first).
+    rate the meter before answered at first).  Stopped by a signal, the meters not read
+    yet get that as their error.
     """
     rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
-    readings = []
+    readings: list = []
     bus = None
     port_error = None
-    for address in addresses:
-        start = time.monotonic()
-        if bus is None and port_error is None:
+    try:
+        for address in addresses:
+            start = time.monotonic()
+            if bus is None and port_error is None:
+                try:
+                    port = open_port(url, rates[0])
+                except BusError as exc:
+                    port_error = str(exc)
+                else:
+                    bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
+                    bus.on_answer = on_answer
+            if port_error is not None:
+                readings.append(Reading(address, error=port_error, port=True))
+                continue
             try:
-                port = open_port(url, rates[0])
+                telegram = _read_at_some_rate(bus, address, rates, log)
+                readings.append(Reading(address, telegram, duration=time.monotonic() - start))
             except BusError as exc:
-                port_error = str(exc)
-            else:
-                bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
-                bus.on_answer = on_answer
-        if port_error is not None:
-            readings.append(Reading(address, error=port_error, port=True))
-            continue
-        try:
-            telegram = _read_at_some_rate(bus, address, rates, log)
-            readings.append(Reading(address, telegram, duration=time.monotonic() - start))
-        except BusError as exc:
-            if isinstance(exc, PortError):
-                _close(bus.port)
-                bus = None
-            readings.append(Reading(address, error=str(exc), duration=time.monotonic() - start))
-    if bus is not None:
-        _close(bus.port)
-    if any(r.error and not r.port for r in readings):
+                if isinstance(exc, PortError):
+                    _close(bus.port)
+                    bus = None
+                error = str(exc)
+                readings.append(Reading(address, error=error, duration=time.monotonic() - start))
+    except Stopped as exc:
+        readings += [
+            Reading(address, error=f"not read: stopped by {exc.name}")
+            for address in addresses[len(readings) :]
+        ]
+    finally:
+        if bus is not None:
+            _close(bus.port)
+    if any(r.error and not r.port and "stopped by" not in r.error for r in readings):
         holders = port_holders(url)
         if holders:
             for reading in readings:
@@ -2780,15 +2919,21 @@ class _Command(click.Command):
         try:
             status = super().main(args, name, complete_var, standalone_mode=False, **kw)
         except click.UsageError as exc:
-            click.echo(f"{name}: {_one_line(exc.format_message())} (see {name} --help)",
-                       err=True)  # fmt: skip
+            try:
+                click.echo(f"{name}: {_one_line(exc.format_message())} (see {name} --help)",
+                           err=True)  # fmt: skip
+            except OSError:
+                pass  # a usage error all the same
             sys.exit(2)
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
         except click.Abort:
-            click.echo("Aborted!", err=True)
+            click.echo(f"{name}: aborted", err=True)
             sys.exit(1)
+        except Stopped as exc:  # a scan or a decode: nothing to write for it
+            click.echo(f"{name}: stopped by {exc.name}", err=True)
+            sys.exit(128 + exc.signum)
         except OSError as exc:  # --help or --version into a full disk or a closed pipe
             try:
                 _stdout("")
@@ -2834,7 +2979,7 @@ Examples:
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(0.05, 60),
+    type=SecondsType(0.05, 60),
     default=None,
     help="Seconds a meter may take to start its answer; never less than EN 13757-2's 330 "
     "bit times + 50 ms (187.5 ms at 2400 baud).  [default: 1 with --once; that limit "
@@ -2929,6 +3074,14 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     if output is None:  # a decoded capture never replaces the live file unless asked to
         output = "-" if decode_file is not None else DEFAULT_OUTPUT
+    if not output:
+        raise click.BadParameter("an empty file name (- is stdout)", param_hint="--output")
+    if once and output != "-":
+        try:  # before the meters pay for a read
+            check_output(output)
+        except OutputError as exc:
+            _fail(str(exc))
+            sys.exit(1)
     if capture_file is not None:
         _check_capture(capture_file, once, output)
     addresses = list(dict.fromkeys(addresses)) or [ADDRESS_ANY]
@@ -2936,7 +3089,12 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
 
     if decode_file is not None:
         try:
-            readings = readings_from_frames(split_frames(parse_hex(decode_file.read())))
+            text = decode_file.read(DECODE_LIMIT + 1)
+            if len(text) > DECODE_LIMIT:
+                raise FrameError(
+                    f"more than {DECODE_LIMIT >> 20} MiB: not a capture of M-Bus answers"
+                )
+            readings = readings_from_frames(split_frames(parse_hex(text)))
         except FrameError as exc:
             _fail(f"{getattr(decode_file, 'name', '-')}: {exc}")
             sys.exit(1)
@@ -2950,6 +3108,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     elif scan or scan_secondary:
         sys.exit(_scan(port, baudrate, timeout or 0.0, retries, log, secondary=scan_secondary))
     else:
+        _STOPPING.update(signum=None, raise_=True)
         capture = _Capture(capture_file, port) if capture_file else None
         try:
             readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout or 1.0,
@@ -2958,17 +3117,20 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
             if capture is not None:
                 capture.close()
         _report(readings)
+    _STOPPING["raise_"] = False  # from here on a signal waits for the output to be written
 
     if fmt == "json":
         text = render_json(readings)
     else:
-        previous = previous_last_success(output) if output != "-" else {}
+        previous = read_previous(output) if output != "-" else None
         text = exposition(readings, labels, previous)
     try:
         _emit(text, output)
     except OutputError as exc:
         _fail(str(exc))
         sys.exit(1)
+    if _STOPPING["signum"] is not None:  # the file says which meters were not read
+        sys.exit(128 + _STOPPING["signum"])
     failed = any(r.error for r in readings) or (capture is not None and capture.failed)
     sys.exit(1 if failed else 0)
 
@@ -3156,11 +3318,9 @@ class _Progress:
 def main() -> None:
     import signal
 
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)  # unwinds: temporary files are removed
-
-    signal.signal(signal.SIGTERM, terminate)
-    cli()  # named as invoked; click turns Ctrl-C into "Aborted!" and exit status 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+    cli()  # named as invoked
 
 
 if __name__ == "__main__":

@@ -437,3 +437,63 @@ def test_a_retry_waits_until_a_late_answer_is_over():
     late_end = first + kt.wire_seconds(5, 2400) + late + kt.wire_seconds(142, 2400)
     assert retry >= late_end + quiet_period(bus)
     assert any(line.startswith("late 68 88 88 68") for line in lines)
+
+
+# --- found by a hostile review ------------------------------------------------------------
+
+
+class BabblingPort(sim.FakePort):
+    """A line that never stops sending ``pattern`` (a stuck adapter, a broken slave)."""
+
+    def __init__(self, pattern: bytes, clock):
+        super().__init__(sim.SimulatedBus([]), timeout=kt.READ_SLICE, clock=clock)
+        self.pattern = pattern
+        self.sent_bytes = 0
+
+    def read(self, n: int = 1) -> bytes:
+        count = max(1, min(n, int(self.timeout / self.byte_time)))
+        self.clock.sleep(count * self.byte_time)
+        out = bytes(self.pattern[(self.sent_bytes + i) % len(self.pattern)] for i in range(count))
+        self.sent_bytes += count
+        return out
+
+
+@pytest.mark.parametrize("pattern", [b"\x10", b"\x68\x30\x30\x68", b"\x00", b"\x10\x40"])
+def test_a_babbling_line_cannot_hold_a_read_past_its_deadline(pattern):
+    clock = sim.SimClock()
+    bus = kt.Bus(BabblingPort(pattern, clock), timeout=1.0, retries=0, pause=0)
+    bus.clock = clock
+    with pytest.raises(kt.BusError):
+        bus.read(48)
+    # the request's window and the longest answer's (and an echo's) time, twice (adapters
+    # deliver in bursts), and a stall
+    most = window(5, 1.0) + 2 * kt.wire_seconds(kt.LONGEST_ANSWER + 5, 2400) + kt.STALL
+    assert clock.now <= most + 2 * kt.READ_SLICE
+
+
+@pytest.mark.parametrize("delay, noise", [(0.1875, b"\x00"), (0.185, b"\x00\xfe")])
+def test_a_stray_byte_before_an_answer_in_time_does_not_cut_it_short(delay, noise):
+    meter = sim.Meter(address=48, delay=delay, noise=noise)
+    bus, _, _ = make_bus([meter], timeout=0.1, retries=0)
+    assert bus.read(48).records == expected_records()
+
+
+def test_a_meter_that_repeats_its_records_for_ever_is_told_apart_from_one_ignoring_the_fcb():
+    meter = sim.Meter(address=48, endless=True)  # honours the FCB, same records each time
+    message = _bus_error(meter, retries=0)
+    assert message == (
+        "telegram 2 repeats the records of telegram 1 and says more records follow again: "
+        "the meter would never stop"
+    )
+
+
+class ExoticPort(sim.FakePort):
+    def read(self, n=1):
+        raise UnboundLocalError("local variable 'buf' referenced before assignment")
+
+
+def test_whatever_a_port_raises_is_a_port_error():
+    port = ExoticPort(sim.SimulatedBus([sim.Meter(address=48)]))
+    bus = kt.Bus(port, timeout=0.2, retries=2, pause=0)
+    with pytest.raises(kt.PortError, match="port failed while reading: UnboundLocalError: "):
+        bus.read(48)

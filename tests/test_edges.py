@@ -14,6 +14,7 @@ from test_textfile import fake_bus, parse_prom, series  # noqa: F401 (fixture)
 from tools import TOOL, invoke
 
 import kamstrup_sim as sim
+import kamstrup_textfile as kt
 
 # --- labels --------------------------------------------------------------------------
 
@@ -222,3 +223,134 @@ def test_an_output_that_is_not_a_file_is_refused_at_once(kind, tmp_path):
     assert result.stderr.splitlines()[-1] == (
         f"kamstrup_textfile.py: {output} is not a regular file (use --output - for stdout)"
     )
+
+
+# --- found by a hostile review ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "-nan", "inf"])
+def test_a_timeout_that_is_not_a_number_is_a_usage_error(value, tmp_path):
+    result = invoke(["--once", "--timeout", value, "--output", str(tmp_path / "k.prom")])
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert "--timeout" in line
+    assert not (tmp_path / "k.prom").exists()
+
+
+def test_a_bus_never_trusts_a_timeout_that_is_not_a_number():
+    port = sim.FakePort(sim.SimulatedBus([]))
+    with pytest.raises(ValueError):
+        kt.Bus(port, timeout=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["enhanced_identification_subunit_1", "firmware_version_storage_1", "customer_maximum",
+     "le", "quantile", "job", "instance"],
+)  # fmt: skip
+def test_label_names_the_tool_or_prometheus_give_a_meaning_are_refused(name):
+    result = invoke(["--decode", "-", "--label", f"{name}=x"], input="")
+    assert result.exit_code == 2
+    assert f"{name!r}" in result.stderr
+
+
+def test_a_label_name_with_a_newline_is_refused():
+    result = invoke(["--decode", "-", "--label", "site\n=x"], input="")
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("address", ["３０３０３０３０", "٣٠٣٠٣٠٣٠", "४८"])
+def test_an_address_in_other_digits_is_a_usage_error(address, tmp_path):
+    result = invoke(["--once", "--address", address, "--output", str(tmp_path / "k.prom")])
+    assert result.exit_code == 2
+    assert not (tmp_path / "k.prom").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args",
+    [["--decode", str(KAMSTRUP / "multical303_heat.hex")],
+     ["--once", "--port", "/nonexistent", "--output", "-"]],
+)  # fmt: skip
+def test_a_closed_stdout_is_one_line(args):
+    result = subprocess.run(
+        [sys.executable, TOOL, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, timeout=60, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "kamstrup_textfile.py: cannot write to standard output: it is closed"
+    )
+
+
+@pytest.mark.slow
+def test_a_usage_error_is_exit_2_even_when_stderr_cannot_be_written():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, TOOL, "--bogus"], stderr=full, timeout=60)
+    assert result.returncode == 2
+
+
+@pytest.mark.slow
+def test_stdout_in_ascii_still_gets_utf8():
+    env = dict(os.environ, PYTHONIOENCODING="ascii", KAMSTRUP_LABEL="site=Küche")
+    result = subprocess.run(
+        [sys.executable, TOOL, "--decode", str(KAMSTRUP / "multical303_heat.hex"),
+         "--format", "prom"],
+        capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert 'site="Küche"'.encode() in result.stdout
+
+
+def test_an_empty_output_is_a_usage_error(fake_bus):  # noqa: F811
+    fake_bus.append(sim.Meter(address=48))
+    result = invoke(["--once", "--output", ""])
+    assert result.exit_code == 2
+    assert fake_bus[0].requests == []  # the meter's battery was spared
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing directory"])
+def test_an_unusable_output_is_found_before_the_meter_is_read(kind, tmp_path, fake_bus):  # noqa: F811
+    fake_bus.append(sim.Meter(address=48))
+    output = tmp_path / ("dir" if kind == "directory" else "missing/k.prom")
+    if kind == "directory":
+        output.mkdir()
+    result = invoke(["--once", "--output", str(output)])
+    assert result.exit_code == 1
+    assert len(result.stderr.splitlines()) == 1
+    assert fake_bus[0].requests == []
+
+
+@pytest.mark.slow
+def test_decode_of_an_endless_file_stops(tmp_path):
+    result = subprocess.run([sys.executable, TOOL, "--decode", "/dev/zero"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "kamstrup_textfile.py: /dev/zero: more than 64 MiB: not a capture of M-Bus answers"
+    ]
+
+
+def test_meters_sharing_an_id_keep_their_labels_whichever_answers(tmp_path, fake_bus):  # noqa: F811
+    """Run by run one of the two is silent: a series never gets the other meter's values,
+    and once they are told apart, each keeps its labels."""
+    a = sim.Meter(address=48, ident="30303030", kind="303")
+    b = sim.Meter(address=49, ident="30303030", kind="303-heat")
+    fake_bus.extend([a, b])
+    out = tmp_path / "k.prom"
+    energy = {}
+    for silent in [b, a, None, b, a]:
+        a.silent = silent is a
+        b.silent = silent is b
+        invoke(["--once", "--output", str(out), "--address", "48", "--address", "49",
+                "--retries", "0", "--timeout", "0.05"])  # fmt: skip
+        families = parse_prom(out.read_text())
+        for labels, value in families["kamstrup_energy_joules_total"]["samples"]:
+            energy.setdefault(tuple(sorted(labels.items())), set()).add(value)
+    meter_a = (("meter", "30303030"),)
+    assert energy.pop(meter_a) == {"554400000"}  # the first run: only one known yet
+    assert energy == {
+        (("address", "48"), ("meter", "30303030")): {"554400000"},
+        (("address", "49"), ("meter", "30303030")): {"46800000"},
+    }

@@ -315,7 +315,7 @@ def test_adapter_unplugged_mid_answer(tmp_path):
     assert "Traceback" not in result.stderr
     first, second = result.stderr.splitlines()
     assert first.startswith("kamstrup_textfile.py: address 48: port failed while reading: ")
-    assert first.endswith("(is the M-Bus adapter still plugged in?)")
+    assert first.endswith("(device disconnected or multiple access on port?)")  # pyserial's
     assert second == (
         f"kamstrup_textfile.py: port {line.path} does not exist: is the M-Bus adapter plugged in "
         "(see 10-usbports.rules for /dev/ttymeterBus)? (not read: address 133)"
@@ -380,3 +380,107 @@ def test_kamstrup_sim_passes_on_the_status_of_an_interrupted_command(code, expec
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --- the simulator under a hostile review ----------------------------------------------
+
+
+def test_quick_reopens_of_one_pty_never_fail_to_configure():
+    """Linux refuses a pty configuration that changes nothing it keeps (it drops PARENB):
+    the simulator must leave the line so that every client's 8E1 set-up changes it, also
+    for clients that only open and close, 5 ms apart (a process starts in tens of ms)."""
+    import time
+
+    import serial
+
+    line = sim.PtyLine(sim.SimulatedBus([sim.Meter(address=48)]), pace=False)
+    try:
+        for _ in range(30):
+            port = serial.Serial(line.path, 2400, parity="E", timeout=0.05)
+            port.close()
+            time.sleep(0.005)
+    finally:
+        line.close()
+
+
+def test_a_run_killed_mid_answer_does_not_spoil_the_next(tmp_path):
+    import signal
+    import time
+
+    meter = sim.Meter(address=48)
+    line = sim.PtyLine(sim.SimulatedBus([meter]), pace=True)
+    out = tmp_path / "k.prom"
+    try:
+        proc = subprocess.Popen([sys.executable, TOOL, "--once", "--port", line.path,
+                                 "--address", "48", "--output", str(out)],
+                                stderr=subprocess.PIPE)  # fmt: skip
+        for _ in range(500):  # until the answer is on its way (bounded: 5 s)
+            if len(meter.requests) >= 2:
+                break
+            time.sleep(0.01)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        result = once_on(line.path, out, "--address", "48")  # right away
+    finally:
+        line.close()
+    assert result.returncode == 0, result.stderr
+    assert ENERGY_48 in out.read_text()
+
+
+def test_runs_in_a_row_while_another_program_holds_the_pty_open(tmp_path):
+    line = sim.PtyLine(sim.SimulatedBus([sim.Meter(address=48)]), pace=False)
+    other = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; os.open({line.path!r}, os.O_RDONLY); "
+         "print('open', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert other.stdout.readline() == "open\n"
+        for run in range(3):
+            out = tmp_path / f"k{run}.prom"
+            result = once_on(line.path, out, "--address", "48", "--retries", "3")
+            assert "Invalid argument" not in result.stderr, (run, result.stderr)
+    finally:
+        other.kill()
+        other.wait()
+        line.close()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--meter", "303:300"], "address 300"),
+        (["--meter", "303:48:ZZ"], "'ZZ' is not an 8-digit id"),
+        (["--baudrate", "0"], "baud rate 0"),
+        (["--tcp", "127.0.0.1:99999"], "port 99999"),
+    ],
+)
+def test_kamstrup_sim_refuses_bad_arguments(args, message):
+    result = subprocess.run([sys.executable, SIM, *args, "--", "true"], capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_kamstrup_sim_passes_sigterm_on_to_its_command():
+    import os
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, SIM, "--", sys.executable, "-c",
+         "import time; print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        proc.send_signal(signal.SIGTERM)  # to kamstrup-sim alone, as systemd's stop does
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        for child in children:
+            assert not Path(f"/proc/{child}").exists() or "zombie" in Path(
+                f"/proc/{child}/status").read_text()  # fmt: skip
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)

@@ -651,32 +651,46 @@ def test_full_disk(tmp_path, fake_bus, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_read_keeps_the_old_file(tmp_path):
-    meter = sim.Meter(address=48, delay=1.0)
-    bus = sim.SimulatedBus([meter])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_read_writes_which_meters_were_not_read(signum, tmp_path):
+    """systemd's TimeoutStartSec= (or a shutdown, or Ctrl-C) stops a long run: the meter
+    read so far is in the file, the one being read and those after it say kamstrup_up 0,
+    instead of the old file's kamstrup_up 1 staying in place."""
+    meters = [sim.Meter(address=48), sim.Meter(address=74, ident="77447744", kind="403",
+                                               delay=1.0)]  # fmt: skip
+    bus = sim.SimulatedBus(meters)
     line = sim.PtyLine(bus, pace=False)
     prom = tmp_path / "kamstrup.prom"
     prom.write_bytes(OLD)
     try:
         proc = subprocess.Popen(
             [sys.executable, TOOL, "--once", "--port", line.path, "--timeout", "5"]
+            + ["--address", "48", "--address", "74", "--address", "133"]
             + ["--output", str(prom)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(500):  # until the meter has the request (bounded: 5 s)
-            if bus.log or proc.poll() is not None:
+        for _ in range(500):  # until the second meter has its request (bounded: 5 s)
+            if meters[1].requests or proc.poll() is not None:
                 break
             time.sleep(0.01)
-        assert bus.log, "the run never sent a request"
-        proc.send_signal(signal.SIGTERM)
+        assert meters[1].requests, "the run never reached the second meter"
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=30)
     finally:
         line.close()
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert "Traceback" not in stderr
-    assert_untouched(tmp_path, prom, OLD)
+    assert proc.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    assert stderr.splitlines() == [
+        f"kamstrup_textfile.py: address 74, 133: not read: stopped by {name}"
+    ]
+    families = parse_prom(prom.read_text())
+    ups = {labels["address"]: value for labels, value in families["kamstrup_up"]["samples"]}
+    assert ups == {"48": "1", "74": "0", "133": "0"}
+    assert series(families, "kamstrup_energy_joules_total", meter="30303030")
+    assert not series(families, "kamstrup_energy_joules_total", meter="77447744")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 @pytest.mark.slow
@@ -705,9 +719,11 @@ def test_last_success_kept_when_label_values_have_braces_quotes_and_newlines(tmp
         'kamstrup_last_success_timestamp_seconds{address="74",note="a}b \\"q\\" \\\\ c\\nd"}'
         in text
     )
-    kept = kt.previous_last_success(str(out))
+    previous = kt.read_previous(str(out))
+    kept = previous.last_success
     assert set(kept) == {"74"}
-    failed = kt.exposition([kt.Reading(74, error="no answer")], labels, kept)
+    assert previous.identities == {"74": ("77447744", "KAM", "52", "heat")}
+    failed = kt.exposition([kt.Reading(74, error="no answer")], labels, previous)
     assert f'{{address="74",note="a}}b \\"q\\" \\\\ c\\nd"}} {kept["74"]}' in failed
 
 
@@ -738,3 +754,13 @@ def test_output_through_a_link_replaces_the_target_and_keeps_the_link(tmp_path):
     kt.write_atomic(str(link), "kamstrup_up 1\n")
     assert link.is_symlink()
     assert real.read_text() == "kamstrup_up 1\n"
+
+
+@pytest.mark.parametrize("pid", ["99999999999999999999", "²", "-1", "0"])
+def test_a_temporary_with_an_odd_pid_does_not_stop_the_write(pid, tmp_path):
+    odd = tmp_path / f".kamstrup.prom.{pid}.tmp"
+    odd.write_text("x")
+    kt.write_atomic(str(tmp_path / "kamstrup.prom"), "kamstrup_up 1\n")
+    assert (tmp_path / "kamstrup.prom").read_text() == "kamstrup_up 1\n"
+    # a pid no process can have is a leftover; a name that is no pid is not ours to remove
+    assert odd.exists() == (pid in ("²", "-1", "0"))
