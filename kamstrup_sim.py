@@ -89,39 +89,76 @@ def _long(body: bytes) -> bytes:
 
 @dataclass
 class Meter:
-    """One simulated slave.  ``telegrams``: the answers to successive REQ_UD2 (FCB toggled)."""
+    """One simulated slave, with the faults a real one (or its line) can have.
+
+    ``telegrams()`` are the answers to successive REQ_UD2.  The FCB is honoured as a
+    slave does: the first REQ_UD2 after SND_NKE (or a selection) gets the first
+    telegram, a toggled FCB the next one, a repeated FCB the same one again (the
+    master lost it and asks anew).
+    """
 
     address: int = 48
     ident: str = "30303030"
     kind: str = "303"
     silent: bool = False
     delay: float = 0.05  # answer after 50 ms (11..330 bit times + 50 ms in the standard)
+    delays: list = field(default_factory=list)  # the first answers' own delays, then delay
     bad_checksum: bool = False
     truncate: int | None = None  # send only this many bytes of the answer
     noise: bytes = b""  # bytes sent before the answer
     multi: bool = False  # answer in two telegrams, the first ending with DIF 0x1F
-    disconnect_at: int | None = None  # close the line after this many bytes of the answer
+    disconnect_at: int | None = None  # the line goes away after this many bytes of the answer
     fail_first: int = 0  # stay silent on the first N requests (a sleepy battery meter)
     application_error: int | None = None  # answer REQ_UD2 with CI 0x70 and this code
+    ignore_fcb: bool = False  # always the first telegram, whatever the FCB says
+    endless: bool = False  # every telegram says "more records follow" (DIF 0x1F)
+    corrupt: frozenset = frozenset()  # answers to these REQ_UD2 (1, 2, ...) get a bad checksum
     selected: bool = False
     requests: list = field(default_factory=list)
-    _next: int = 0
+    _fcb: int | None = None  # FCB of the last REQ_UD2 answered; None after SND_NKE
+    _index: int = 0  # the telegram last sent
+    _answered: int = 0  # REQ_UD2 answered so far
 
     def telegrams(self) -> list:
         frame = rewrite(bytes.fromhex(FRAMES[self.kind]), self.address, self.ident)
-        return split_more_records(frame) if self.multi else [frame]
+        telegrams = split_more_records(frame) if self.multi else [frame]
+        if self.endless:  # "more follow" on each, told apart by their access numbers
+            telegrams = [_more_follow(t, access) for access, t in enumerate(telegrams * 32)]
+        return telegrams
 
-    def answer(self) -> bytes:
+    def next_delay(self) -> float:
+        return self.delays.pop(0) if self.delays else self.delay
+
+    def reset_link(self) -> None:
+        """SND_NKE (or a new selection): the next REQ_UD2 starts at the first telegram."""
+        self._fcb = None
+        self._index = 0
+
+    def answer(self, fcb: int = 1) -> bytes:
+        self._answered += 1
         if self.application_error is not None:
             return _long(bytes((0x08, self.address, 0x70, self.application_error)))
         telegrams = self.telegrams()
-        frame = telegrams[min(self._next, len(telegrams) - 1)]
-        self._next = (self._next + 1) % len(telegrams)
-        if self.bad_checksum:
+        if self.ignore_fcb:
+            self._index = 0
+        elif self._fcb is not None and fcb != self._fcb:
+            self._index = (self._index + 1) % len(telegrams)
+        self._fcb = fcb
+        frame = telegrams[self._index]
+        if self.bad_checksum or self._answered in self.corrupt:
             frame = frame[:-2] + bytes(((frame[-2] + 1) & 0xFF, 0x16))
         if self.truncate is not None:
             frame = frame[: self.truncate]
         return frame
+
+
+def _more_follow(frame: bytes, access: int) -> bytes:
+    """The telegram with DIF 0x1F ("more records follow") appended and another access number."""
+    body = bytearray(frame[4:-2])
+    if body[-1] != 0x1F:
+        body.append(0x1F)
+    body[11] = access & 0xFF  # C A CI, then ID(4) MAN(2) VER MED: the access number
+    return _long(bytes(body))
 
 
 class SimulatedBus:
@@ -186,26 +223,29 @@ class SimulatedBus:
                 if not self._awake(meter):
                     continue
                 if c == 0x40:  # SND_NKE
-                    meter._next = 0
+                    meter.reset_link()
                     if a == 0xFD:
                         meter.selected = False
-                    out.append((meter.delay, ACK, False))
-                elif c & 0xCF == 0x4B:  # REQ_UD2 with or without FCB
-                    answer = meter.noise + meter.answer()
+                    out.append((meter.next_delay(), ACK, False))
+                elif c & 0xCF == 0x4B:  # REQ_UD2, FCB 0 or 1
+                    answer = meter.noise + meter.answer(fcb=(c >> 5) & 1)
                     cut = meter.disconnect_at
                     if cut is not None:
-                        out.append((meter.delay, answer[:cut], True))
+                        out.append((meter.next_delay(), answer[:cut], True))
                     else:
-                        out.append((meter.delay, answer, False))
+                        out.append((meter.next_delay(), answer, False))
             return out
-        # long frame from the master: SND_UD selecting a secondary address
+        # long frame from the master: SND_UD (either FCB) selecting a secondary address
         c, a, ci = frame[4], frame[5], frame[6]
-        if c == 0x53 and a == 0xFD and ci == 0x52:
+        if c & 0xDF == 0x53 and a == 0xFD and ci == 0x52:
             wanted = frame[7:11][::-1].hex().upper()
             for meter in self.meters:
                 meter.selected = meter.ident == wanted
-                if meter.selected and self._awake(meter):
-                    out.append((meter.delay, ACK, False))
+                if meter.selected:
+                    meter.requests.append(frame)
+                    meter.reset_link()
+                    if self._awake(meter):
+                        out.append((meter.next_delay(), ACK, False))
         return out
 
     @staticmethod
@@ -218,48 +258,110 @@ class SimulatedBus:
         return True
 
 
-class FakePort:
-    """An in-process port with pyserial's read/write over a SimulatedBus, no pacing.
+class SimClock:
+    """Simulated time for in-process tests: it moves only when someone waits."""
 
-    ``read(n)`` returns what the bus has answered so far (at most n bytes); time
-    passes only through ``timeout`` on an empty read, so silence is fast to test.
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+class FakePort:
+    """An in-process port with pyserial's read/write/reset_input_buffer over a SimulatedBus.
+
+    Without a clock, answers are there at once and an empty read sleeps ``timeout``
+    (fast tests of what is said).  With a SimClock, the port is a line in simulated
+    time (tests of when): an answer starts ``delay`` after the request has left, its
+    bytes arrive one every 11 bit times, ``read(n)`` returns once n bytes are in or
+    ``timeout`` has passed (pyserial's POSIX read), ``reset_input_buffer()`` drops only
+    what has arrived, so bytes still on the wire come later, as on a real line.
     """
 
-    def __init__(self, bus: SimulatedBus, timeout: float = 0.01):
+    def __init__(self, bus: SimulatedBus, timeout: float = 0.01, clock=None, baudrate=2400):
         self.bus = bus
         self.timeout = timeout
-        self.pending = bytearray()
+        self.clock = clock
+        self.byte_time = 11 / baudrate
+        self.incoming: list = []  # (arrival time, byte), in order
+        self.line_free = 0.0  # when the last scheduled answer has left the meter
+        self.hangup: float | None = None  # from this time on the line is gone
         self.written = bytearray()
+        self.sent: list = []  # (time, bytes) of each write
         self.closed = False
-        self.disconnected = False
+
+    @property
+    def disconnected(self) -> bool:
+        return self.hangup is not None
+
+    def _now(self) -> float:
+        return self.clock() if self.clock is not None else 0.0
 
     def write(self, data: bytes) -> int:
+        now = self._now()
         self.written += data
-        for _delay, answer, disconnect in self.bus.feed(bytes(data)):
-            self.pending += answer
-            if disconnect:
-                self.disconnected = True
+        self.sent.append((now, bytes(data)))
+        sent = now + len(data) * self.byte_time if self.clock is not None else now
+        for delay, answer, disconnect in self.bus.feed(bytes(data)):
+            if self.clock is None:
+                times = [now] * len(answer)
+            else:
+                start = max(sent + delay, self.line_free)
+                times = [start + (i + 1) * self.byte_time for i in range(len(answer))]
+                self.line_free = times[-1] if times else start
+            self.incoming.extend(zip(times, answer))
+            if disconnect and self.hangup is None:
+                self.hangup = times[-1] if times else sent + delay
         return len(data)
 
     def read(self, n: int = 1) -> bytes:
-        if not self.pending:
-            if self.disconnected:
-                import serial
+        if self.clock is None:
+            if not self.incoming:
+                if self.hangup is not None:
+                    raise _hangup()
+                time.sleep(self.timeout)
+                return b""
+            return self._take(n)
+        now = self.clock()
+        limit = now + self.timeout
+        ready = 0
+        while ready < len(self.incoming) and ready < n and self.incoming[ready][0] <= limit:
+            ready += 1
+        if ready == n:
+            self.clock.now = max(now, self.incoming[n - 1][0])
+            return self._take(n)
+        if self.hangup is not None and self.hangup <= limit:
+            self.clock.now = max(now, self.hangup)
+            if not ready:
+                raise _hangup()
+            return self._take(ready)
+        self.clock.now = limit
+        return self._take(ready)
 
-                raise serial.SerialException(
-                    "device reports readiness to read but returned no data"
-                )
-            time.sleep(self.timeout)
-            return b""
-        chunk = bytes(self.pending[:n])
-        del self.pending[:n]
+    def _take(self, n: int) -> bytes:
+        chunk = bytes(b for _, b in self.incoming[:n])
+        del self.incoming[:n]
         return chunk
 
     def reset_input_buffer(self) -> None:
-        self.pending.clear()
+        now = self._now()
+        self.incoming = [(t, b) for t, b in self.incoming if t > now]
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         self.closed = True
+
+
+def _hangup():
+    import serial
+
+    return serial.SerialException("device reports readiness to read but returned no data")
 
 
 class _Line:
@@ -285,27 +387,19 @@ class _Line:
                 time.sleep(wait)
             send(data[i : i + 1])
 
-    def _serve(self, recv, send, close, fileno) -> None:
-        while not self.stop.is_set():
-            ready, _, _ = select.select([fileno], [], [], 0.05)
-            if not ready:
-                continue
+    def _answer(self, data: bytes, send, hang_up) -> bool:
+        """Feed the master's bytes to the bus and send its answers; False once hung up."""
+        for delay, answer, disconnect in self.bus.feed(data):
+            if delay:
+                time.sleep(delay)
             try:
-                data = recv()
+                self._send(send, answer)
             except OSError:
-                return
-            if not data:
-                return
-            for delay, answer, disconnect in self.bus.feed(data):
-                if delay:
-                    time.sleep(delay)
-                try:
-                    self._send(send, answer)
-                except OSError:
-                    return
-                if disconnect:
-                    close()
-                    return
+                return False
+            if disconnect:
+                hang_up()
+                return False
+        return True
 
     def close(self) -> None:
         self.stop.set()
@@ -314,38 +408,89 @@ class _Line:
 
 
 class PtyLine(_Line):
-    """A pseudo-terminal: the tool opens ``self.path``; the simulator owns the master side."""
+    """A pseudo-terminal: the tool opens ``self.path``; the simulator owns the master side.
+
+    It serves any number of clients one after another.  Linux keeps a pty's settings
+    while its master is open and refuses a client's configuration that changes nothing
+    it can keep (it drops PARENB), so when a client goes away the line is set back to
+    an idle setting no client uses (50 baud).  ``disconnect`` closes the master: the
+    client's port hangs up (EIO) and the device node goes away, as when a USB
+    adapter is unplugged.
+    """
+
+    IDLE_SPEED = "B50"
 
     def __init__(self, bus: SimulatedBus, baudrate: int = 2400, pace: bool = True):
+        import termios
         import tty
 
         super().__init__(bus, baudrate, pace)
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)  # the tool's own 8E1 set-up is then the only one with parity
-        self.path = os.ttyname(self.slave)
+        self.master, slave = os.openpty()
+        tty.setraw(slave)
+        self.path = os.ttyname(slave)
+        attrs = termios.tcgetattr(self.master)
+        attrs[4] = attrs[5] = getattr(termios, self.IDLE_SPEED)
+        termios.tcsetattr(self.master, termios.TCSANOW, attrs)
+        self._idle = attrs
+        os.close(slave)  # a client's close is then a hang-up the master sees
+        self.clients = 0  # clients served so far
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
-        def close():
-            os.close(self.slave)  # the far side goes away: reads fail on the tool's side
-            self.slave = -1
+    def client_speed(self) -> int | None:
+        """The baud rate the client set, as the master sees it (None with no client)."""
+        import termios
 
-        self._serve(
-            lambda: os.read(self.master, 4096),
-            lambda data: os.write(self.master, data),
-            close,
-            self.master,
-        )
+        code = termios.tcgetattr(self.master)[4]
+        for name in dir(termios):
+            if name.startswith("B") and name[1:].isdigit() and getattr(termios, name) == code:
+                return int(name[1:])
+        return None
+
+    def _run(self) -> None:
+        import termios
+
+        poller = select.poll()
+        poller.register(self.master, select.POLLIN)
+        present = False
+        while not self.stop.is_set():
+            events = poller.poll(50)
+            flags = events[0][1] if events else 0
+            if flags & select.POLLIN:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:  # the client closed between poll and read
+                    data = b""
+                if data:
+                    present = True
+                    if not self._answer(data, lambda b: os.write(self.master, b), self._unplug):
+                        return
+                    continue
+            if flags & (select.POLLHUP | select.POLLERR):  # nobody has the pty open
+                if present or termios.tcgetattr(self.master) != self._idle:
+                    # only while nobody has it open: look again just before the reset
+                    again = poller.poll(0)
+                    if again and again[0][1] & select.POLLHUP:
+                        termios.tcsetattr(self.master, termios.TCSANOW, self._idle)
+                        self.bus.buffer.clear()
+                        self.clients += present
+                        present = False
+                time.sleep(0.01)
+            else:
+                present = True
+
+    def _unplug(self) -> None:
+        master, self.master = self.master, -1
+        os.close(master)
 
     def close(self) -> None:
         super().close()
-        for fd in (self.master, self.slave):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        if self.master >= 0:
+            try:
+                os.close(self.master)
+            except OSError:
+                pass
+            self.master = -1
 
 
 class TcpLine(_Line):
@@ -375,29 +520,90 @@ class TcpLine(_Line):
                 self._serve_connection(conn)
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        self._serve(
-            lambda: conn.recv(4096),
-            conn.sendall,
-            lambda: conn.shutdown(socket.SHUT_RDWR),
-            conn.fileno(),
-        )
+        hung_up = []
+
+        def hang_up():
+            conn.shutdown(socket.SHUT_RDWR)
+            hung_up.append(True)
+
+        while not self.stop.is_set() and not hung_up:
+            ready, _, _ = select.select([conn], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                return
+            if not data or not self._answer(data, conn.sendall, hang_up):
+                self.bus.buffer.clear()
+                return
 
     def close(self) -> None:
         super().close()
         self.server.close()
 
 
+# Faults a --meter may carry after its KIND[:ADDRESS[:ID]], as ,NAME or ,NAME=VALUE.
+_FAULTS = {
+    "silent": bool,
+    "delay": float,
+    "bad_checksum": bool,
+    "truncate": int,
+    "noise": bytes.fromhex,
+    "multi": bool,
+    "disconnect_at": int,
+    "fail_first": int,
+    "application_error": int,
+    "ignore_fcb": bool,
+    "endless": bool,
+}
+
+
 def _parse_meter(text: str) -> Meter:
-    """KIND[:ADDRESS[:ID]], e.g. 303, 303:133, 403:74:77447744."""
-    parts = text.split(":")
+    """KIND[:ADDRESS[:ID]][,FAULT[=VALUE]...], e.g. 303, 303:133, 403:74:77447744,delay=0.19."""
+    what, *faults = text.split(",")
+    parts = what.split(":")
     meter = Meter(kind=parts[0])
     if meter.kind not in FRAMES:
         raise ValueError(f"unknown meter {parts[0]!r}: choose from {', '.join(FRAMES)}")
-    if len(parts) > 1:
-        meter.address = int(parts[1])
-    if len(parts) > 2:
-        meter.ident = parts[2]
+    try:
+        if len(parts) > 1:
+            meter.address = int(parts[1])
+        if len(parts) > 2:
+            meter.ident = parts[2]
+    except ValueError:
+        raise ValueError(f"{what!r} is not KIND[:ADDRESS[:ID]]") from None
+    for fault in faults:
+        name, sep, value = fault.partition("=")
+        kind = _FAULTS.get(name)
+        if kind is None:
+            raise ValueError(f"unknown fault {name!r}: choose from {', '.join(_FAULTS)}")
+        try:
+            setattr(meter, name, True if kind is bool and not sep else kind(value))
+        except ValueError:
+            raise ValueError(f"{fault!r}: {value!r} is not a {kind.__name__}") from None
     return meter
+
+
+def run(command: list, env: dict) -> int:
+    """Run ``command`` and return its exit status, 128 + N when a signal N ended it.
+
+    A Ctrl-C reaches the command as well (one process group): we wait for it to finish
+    and pass on what it said, instead of leaving it behind with our own status.
+    """
+    import signal
+
+    try:
+        child = subprocess.Popen(command, env=env)
+    except OSError as exc:
+        print(f"kamstrup-sim: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command decides
+    try:
+        status = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 128 - status if status < 0 else status
 
 
 def main(argv=None) -> int:
@@ -406,12 +612,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="kamstrup-sim",
         description="A simulated M-Bus with Kamstrup MULTICAL meters on a pty or TCP port.",
+        epilog="Faults for --meter: " + ", ".join(_FAULTS) + ". Example: "
+        "kamstrup-sim --meter 303:48,delay=0.19 --meter 403:74:77447744,silent",
     )
     parser.add_argument(
         "--meter",
         action="append",
         default=[],
-        metavar="KIND[:ADDR[:ID]]",
+        metavar="KIND[:ADDR[:ID]][,FAULT[=V]]",
         help="a meter on the bus (303, 303-heat, 403); default 303:48:30303030",
     )
     parser.add_argument("--baudrate", type=int, default=2400)
@@ -434,13 +642,7 @@ def main(argv=None) -> int:
     try:
         if args.command:
             env = dict(os.environ, KAMSTRUP_PORT=where, KAMSTRUP_BAUDRATE=str(args.baudrate))
-            try:
-                return subprocess.call(args.command, env=env)
-            except OSError as exc:
-                print(
-                    f"kamstrup-sim: cannot run {args.command[0]}: {exc.strerror}", file=sys.stderr
-                )
-                return 127
+            return run(args.command, env)
         print(f"simulated M-Bus on {where} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)

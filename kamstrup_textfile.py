@@ -1147,9 +1147,25 @@ class BusError(Exception):
     """A meter could not be read: no answer, a corrupt answer, a port problem."""
 
 
+class PortError(BusError):
+    """The port itself failed (an adapter unplugged, a hang-up): not retried."""
+
+
+try:  # pyserial lets termios.error, which is not an OSError, out of its POSIX port
+    from termios import error as _TermiosError
+except ImportError:  # pragma: no cover - not POSIX
+
+    class _TermiosError(Exception):
+        pass
+
+
+PORT_ERRORS = (OSError, _TermiosError)  # pyserial's SerialException is an OSError
+
 BYTE_BITS = 11  # 8E1: start, 8 data, parity, stop
 MAX_TELEGRAMS = 16  # "more records follow" is followed at most this often
 READ_SLICE = 0.05  # seconds a single port read may block; the deadline is ours
+STALL = 0.2  # seconds an answer that has begun may pause on top of its bytes' wire time
+LONGEST_ANSWER = 261  # bytes: 68 L L 68, 255 bytes of body, CS 16
 
 
 def wire_seconds(nbytes: int, baudrate: int) -> float:
@@ -1161,13 +1177,32 @@ def slowest_answer(baudrate: int) -> float:
     return 330 / baudrate + 0.05
 
 
+# What a tty says when its USB adapter has gone away (a hang-up).
+_HANGUP_SIGNS = ("Input/output error", "returned no data", "No such device")
+
+
+def _reason(exc: BaseException) -> str:
+    """What the system said, on one line: 'Input/output error', not "(5, 'Input/...')"."""
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return _one_line(strerror)
+    args = exc.args
+    if len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        return _one_line(args[1])
+    return _one_line(str(exc)) or type(exc).__name__
+
+
 class Bus:
     """An M-Bus master on a pyserial-like port (anything with ``read(n)`` and ``write(b)``).
 
     ``timeout`` is how long a meter may stay silent before its answer starts (at least
-    330 bit times + 50 ms, EN 13757-2's limit for a slave); once a
-    long frame's length byte is in, the rest gets its wire time on top.  The port's
-    own read timeout should be short (READ_SLICE): this class keeps the deadline.
+    330 bit times + 50 ms, EN 13757-2's limit for a slave), counted from the end of the
+    request.  Once an answer has begun, the rest gets its wire time on top (twice, for
+    adapters that deliver in bursts, plus STALL), however late it began.  Before a
+    retry the line must be quiet, so that the rest of an answer cut off or late does
+    not pass for the answer to the retry.  The port's own read timeout should be short
+    (READ_SLICE): this class keeps the deadlines.  Whatever the port raises ends the
+    read of that meter at once with a PortError.
     """
 
     def __init__(self, port, *, baudrate=2400, timeout=1.0, retries=2, pause=0.1, log=None):
@@ -1180,37 +1215,49 @@ class Bus:
         self.pause = pause
         self.log = log
         self.clock = time.monotonic
+        self._deadline = 0.0  # the answer to the last request must have begun by then
+        self._last = 0.0  # when the last byte came
 
     # -- raw I/O ---------------------------------------------------------
 
-    def _send(self, frame: bytes) -> None:
-        reset = getattr(self.port, "reset_input_buffer", None)
+    def _io(self, doing: str, call, *args):
         try:
-            if reset is not None:
-                reset()  # a late answer to an earlier request must not pass for this one
-        except OSError as exc:
-            raise BusError(f"port failed: {_one_line(exc)}") from None
+            return call(*args)
+        except PORT_ERRORS as exc:
+            reason = _reason(exc)
+            if any(sign in reason for sign in _HANGUP_SIGNS):
+                reason += " (is the M-Bus adapter still plugged in?)"
+            raise PortError(f"port failed while {doing}: {reason}") from None
+
+    def _send(self, frame: bytes, timeout: float | None = None) -> None:
+        reset = getattr(self.port, "reset_input_buffer", None)
+        if reset is not None:  # a late answer to an earlier request must not pass for this one
+            self._io("discarding old input", reset)
         if self.log:
             self.log(f"> {frame.hex(' ').upper()}")
-        try:
-            self.port.write(frame)
-            flush = getattr(self.port, "flush", None)
-            if flush is not None:
-                flush()
-        except OSError as exc:
-            raise BusError(f"port failed while writing: {_one_line(exc)}") from None
+        self._io("writing", self.port.write, frame)
+        flush = getattr(self.port, "flush", None)
+        if flush is not None:
+            self._io("writing", flush)
+        # The slave's time starts once the request has left; its answer's first byte is
+        # in once its own 11 bits are.  (flush() waits for the wire on a real UART, not
+        # on a pty or a USB adapter: counting the request again costs a few ms at most.)
+        wire = wire_seconds(len(frame) + 1, self.baudrate)
+        self._deadline = self.clock() + wire + (self.timeout if timeout is None else timeout)
 
-    def _fill(self, buf: bytearray, n: int, deadline: float) -> bool:
-        """Read until ``buf`` holds ``n`` bytes; False when the deadline passes first."""
+    def _fill(self, buf: bytearray, n: int) -> bool:
+        """Read until ``buf`` holds ``n`` bytes; False when they do not come in time."""
         while len(buf) < n:
-            if self.clock() >= deadline:
+            limit = self._deadline
+            if buf:  # the answer has begun: the rest gets its time from the last byte
+                rest = wire_seconds(n - len(buf), self.baudrate)
+                limit = max(limit, self._last + STALL + 2 * rest)
+            if self.clock() >= limit:
                 return False
-            try:
-                chunk = self.port.read(n - len(buf))
-            except OSError as exc:  # pyserial's SerialException too: the line went away
-                raise BusError(f"port failed while reading: {_one_line(exc)}") from None
+            chunk = self._io("reading", self.port.read, n - len(buf))
             if chunk:
                 buf += chunk
+                self._last = self.clock()
         return True
 
     def _answer(self, request: bytes, want_frame: bool) -> bytes:
@@ -1218,15 +1265,14 @@ class Bus:
 
         Skips line noise before the start byte and an echo of the request.
         """
-        deadline = self.clock() + self.timeout
         buf = bytearray()
         try:
             while True:
-                if not self._fill(buf, 1, deadline):
+                if not self._fill(buf, 1):
                     raise BusError(_silence(self.timeout))
                 first = buf[0]
                 if first == request[0]:  # perhaps our own request, echoed by the adapter
-                    if self._fill(buf, len(request), deadline) and buf[: len(request)] == request:
+                    if self._fill(buf, len(request)) and buf[: len(request)] == request:
                         self._trace("echo", buf[: len(request)])
                         del buf[: len(request)]
                         continue
@@ -1234,18 +1280,14 @@ class Bus:
                     self._trace("<", buf[:1])
                     return b"\xe5"
                 if first == START_LONG and want_frame:
-                    if not self._fill(buf, 4, deadline):
+                    if not self._fill(buf, 4):
                         raise BusError(_truncated(buf, 4))
                     try:
                         length = long_frame_length(bytes(buf[:4]))
                     except FrameError:
                         length = None
                     if length is not None:
-                        rest = length - len(buf)
-                        deadline = max(
-                            deadline, self.clock() + 2 * wire_seconds(rest, self.baudrate) + 0.2
-                        )
-                        if not self._fill(buf, length, deadline):
+                        if not self._fill(buf, length):
                             raise BusError(_truncated(buf, length))
                         self._trace("<", buf[:length])
                         return bytes(buf[:length])
@@ -1256,6 +1298,27 @@ class Bus:
                 self._trace("<", buf)
             raise
 
+    def _quiet(self) -> None:
+        """Wait until the line has been quiet for ``pause`` (and a few bytes' time).
+
+        Whatever comes meanwhile (the rest of a cut-off answer, a late one) is dropped.
+        A line that never stops talking is given up on after the longest answer's time.
+        """
+        quiet = max(self.pause, wire_seconds(4, self.baudrate))
+        start = last = self.clock()
+        give_up = start + quiet + 2 * wire_seconds(LONGEST_ANSWER, self.baudrate) + STALL
+        dropped = bytearray()
+        while True:
+            now = self.clock()
+            if now - last >= quiet or now >= give_up:
+                break
+            chunk = self._io("reading", self.port.read, LONGEST_ANSWER)
+            if chunk:
+                dropped += chunk
+                last = self.clock()
+        if dropped:
+            self._trace("late", dropped)
+
     def _trace(self, what: str, data) -> None:
         if self.log:
             self.log(f"{what} {bytes(data).hex(' ').upper()}")
@@ -1263,13 +1326,15 @@ class Bus:
     # -- requests ----------------------------------------------------------
 
     def _attempts(self, what: str, action):
-        """Run ``action`` until it succeeds, at most 1 + retries times, pausing between."""
+        """Run ``action`` until it succeeds, at most 1 + retries times, on a quiet line."""
         reason = ""
         for attempt in range(1 + self.retries):
             if attempt:
-                time.sleep(self.pause)
+                self._quiet()
             try:
                 return action()
+            except PortError:  # the port itself: asking again will not help
+                raise
             except ApplicationError as exc:  # the meter answered: asking again will not help
                 raise BusError(str(exc)) from None
             except (BusError, FrameError) as exc:
@@ -1282,14 +1347,13 @@ class Bus:
     def _deselect(self) -> None:
         """SND_NKE to 253: only a meter that is still selected answers, so silence is fine."""
         frame = snd_nke(ADDRESS_SECONDARY)
-        self._send(frame)
-        saved, self.timeout = self.timeout, slowest_answer(self.baudrate)
+        self._send(frame, timeout=slowest_answer(self.baudrate))
         try:
             self._answer(frame, want_frame=False)
+        except PortError:
+            raise
         except BusError:
             pass
-        finally:
-            self.timeout = saved
 
     def _ack(self, frame: bytes, what: str) -> None:
         def once():
@@ -1299,7 +1363,12 @@ class Bus:
         self._attempts(what, once)
 
     def read(self, address: int | str) -> Telegram:
-        """Read one meter: a primary address (0-250, 254) or an 8-digit secondary address."""
+        """Read one meter: a primary address (0-250, 254) or an 8-digit secondary address.
+
+        "More records follow" is followed with the FCB toggled, a retry keeps the FCB (so
+        the meter sends the same telegram again); a meter that answers a toggled FCB
+        with the telegram it sent before, or that never stops, is a failed read.
+        """
         if isinstance(address, str):
             target = ADDRESS_SECONDARY
             self._deselect()
@@ -1307,7 +1376,7 @@ class Bus:
         else:
             target = address
             self._ack(snd_nke(address), "SND_NKE")
-        telegrams = []
+        telegrams: list = []
         fcb = True  # after SND_NKE the first REQ_UD2 carries FCB=1
         while True:
             request = req_ud2(target, fcb)
@@ -1321,21 +1390,36 @@ class Bus:
                     raise BusError(f"answer from meter {telegram.id}, not {address}")
                 return telegram
 
-            telegrams.append(self._attempts("REQ_UD2", once))
-            if not telegrams[-1].more_records_follow or len(telegrams) >= MAX_TELEGRAMS:
-                break
+            telegram = self._attempts("REQ_UD2", once)
+            if telegrams and _same_reading(telegram, telegrams[-1]):
+                raise BusError(
+                    f"telegram {len(telegrams) + 1} repeats telegram {len(telegrams)} "
+                    "although the FCB was toggled: the meter ignores the FCB"
+                )
+            telegrams.append(telegram)
+            if not telegram.more_records_follow:
+                return merge_telegrams(telegrams)
+            if len(telegrams) >= MAX_TELEGRAMS:
+                raise BusError(
+                    f"still 'more records follow' after {MAX_TELEGRAMS} telegrams: gave up"
+                )
             fcb = not fcb
-        return merge_telegrams(telegrams)
 
     def ping(self, address: int) -> bool:
         """Whether a meter at this primary address answers SND_NKE (one try: for --scan)."""
         frame = snd_nke(address)
+        self._send(frame)
         try:
-            self._send(frame)
             self._answer(frame, want_frame=False)
+        except PortError:
+            raise
         except BusError:
             return False
         return True
+
+
+def _same_reading(a: Telegram, b: Telegram) -> bool:
+    return a.id == b.id and a.records == b.records
 
 
 def _silence(timeout: float) -> str:
@@ -1373,15 +1457,19 @@ def open_port(url: str, baudrate: int, wait: float = 10.0):
             port.open()
             return port
         except ValueError as exc:
-            raise BusError(f"port {url}: {exc}") from None
-        except (serial.SerialException, OSError) as exc:
+            raise BusError(f"port {url}: {_one_line(exc)}") from None
+        except PORT_ERRORS as exc:
             code = getattr(exc, "errno", None)
+            if code is None and len(exc.args) == 2 and isinstance(exc.args[0], int):
+                code = exc.args[0]  # termios.error
             text = str(exc)
             if code in (errno.EAGAIN, errno.EBUSY) or "exclusively lock" in text:
                 if time.monotonic() < deadline:
                     time.sleep(0.2)
                     continue
-                raise BusError(f"port {url} is busy: another program holds it") from None
+                holders = port_holders(url)
+                who = f" (open in {holders})" if holders else ""
+                raise BusError(f"port {url} is busy: another program has locked it{who}") from None
             if code == errno.ENOENT:
                 raise BusError(
                     f"port {url} does not exist: is the M-Bus adapter plugged in "
@@ -1392,10 +1480,49 @@ def open_port(url: str, baudrate: int, wait: float = 10.0):
                     f"permission denied on {url}: add the user to the dialout group "
                     "or install 10-usbports.rules"
                 ) from None
-            raise BusError(f"port {url}: {_one_line(text)}") from None
+            if isinstance(exc, _TermiosError):
+                raise BusError(f"port {url} cannot be configured: {_reason(exc)}") from None
+            raise BusError(f"port {url}: {_reason(exc)}") from None
 
 
-def _one_line(text: str) -> str:
+def port_holders(device: str) -> str:
+    """The other processes that have ``device`` open, e.g. 'screen (pid 812)', or ''.
+
+    Linux only (/proc/PID/fd), and only the processes this user may look into.
+    """
+    try:
+        node = os.stat(device)
+    except (OSError, ValueError):  # a URL, or no such device
+        return ""
+    found = []
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return ""
+    for pid in pids:
+        if int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (node.st_dev, node.st_ino):
+                try:
+                    with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                        name = f.read().strip()
+                except OSError:
+                    name = "?"
+                found.append(f"{name} (pid {pid})")
+                break
+    return ", ".join(found)
+
+
+def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
@@ -1522,9 +1649,22 @@ HELP = {
 }
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+# Records that identify a meter or its parts rather than measure anything: labels on
+# kamstrup_meter_info, never sample values.  Secrets are not exported at all.
+IDENTIFIERS = (
+    "fabrication_number", "enhanced_identification", "bus_address", "parameter_set_id",
+    "model_version", "hardware_version", "firmware_version", "software_version",
+    "customer_location", "customer", "special_supplier_information",
+)  # fmt: skip
+SECRETS = frozenset(
+    ("access_code_user", "access_code_operator", "access_code_system_operator",
+     "access_code_developer", "password")
+)  # fmt: skip
+
 RESERVED_LABELS = frozenset(
     ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
-     "manufacturer", "version", "medium", "vife", "record", "unit")
+     "manufacturer", "version", "medium", "vife", "record", "unit", *IDENTIFIERS)
 )  # fmt: skip
 
 
@@ -1546,9 +1686,14 @@ def _local_timestamp(text: str) -> float | None:
     return float(time.mktime(value.timetuple()))
 
 
+_NOT_SAMPLES = frozenset(IDENTIFIERS) | SECRETS
+
+
 def record_series(telegram: Telegram, record: Record):
     """(family base name, counter?, labels, value) for one record, or None if not a number."""
     value = record.value
+    if record.quantity in _NOT_SAMPLES:
+        return None
     manufacturer = telegram.manufacturer
     counter = False
     labels: tuple = ()
@@ -1695,9 +1840,39 @@ def meter_label(telegram: Telegram, address) -> str:
     return telegram.id or str(address)
 
 
-def add_telegram(exp: Exposition, telegram: Telegram, address) -> None:
-    """Every numeric record of a meter's reading, plus its info flags."""
-    meter = (("meter", meter_label(telegram, address)),)
+def identity(telegram: Telegram, address) -> tuple:
+    """What makes a meter the same meter: ids are unique only per manufacturer (and can be
+    reprogrammed), so id, manufacturer, version and medium together."""
+    return (meter_label(telegram, address), telegram.manufacturer, telegram.version,
+            telegram.medium_name)  # fmt: skip
+
+
+def identifier_labels(telegram: Telegram) -> tuple:
+    """(name, value) of the meter's identifier records (fabrication number, firmware
+    version, ...), for kamstrup_meter_info; a register other than the current one is
+    named by its position (``firmware_version_subunit_1``)."""
+    out = {}
+    for record in telegram.records:
+        if record.quantity not in IDENTIFIERS or record.value is None:
+            continue
+        name = record.quantity + "".join(
+            f"_{what}_{n}"
+            for what, n in (("storage", record.storage), ("tariff", record.tariff),
+                            ("subunit", record.subunit))
+            if n
+        )  # fmt: skip
+        if record.function != "instantaneous":
+            name += "_" + record.function
+        value = record.value
+        if isinstance(value, float) and value == int(value):
+            value = int(value)
+        out.setdefault(name, str(value))
+    return tuple(out.items())
+
+
+def add_telegram(exp: Exposition, telegram: Telegram, meter: tuple) -> None:
+    """Every numeric record of a meter's reading, plus its info flags; ``meter`` are the
+    labels that tell this meter from the others (its id, and its address if need be)."""
     for index, record in enumerate(telegram.records):
         series = record_series(telegram, record)
         if series is None:
@@ -1705,7 +1880,8 @@ def add_telegram(exp: Exposition, telegram: Telegram, address) -> None:
         base, counter, labels, value = series
         if not exp.add(base, meter + labels, value, counter):
             exp.add(base, meter + labels + (("record", str(index)),), value, counter)
-        if base == "info_code" and record.current:
+        # flags from a bit field only: an info code sent as a real32 is exported as is
+        if base == "info_code" and record.current and isinstance(value, int):
             bits = 8 * (_DATA_LENGTHS[record.dib[0] & 0x0F] or 2)  # 16 on a 303, 32 on a 403
             for bit, flag in INFO_FLAGS:
                 if bit < bits:
@@ -1715,14 +1891,15 @@ def add_telegram(exp: Exposition, telegram: Telegram, address) -> None:
 class Reading(_Plain):
     """What one configured address gave in one run."""
 
-    __slots__ = ("address", "telegram", "error", "duration")
+    __slots__ = ("address", "telegram", "error", "duration", "port")
 
     def __init__(self, address, telegram: Telegram | None = None, error: str | None = None,
-                 duration: float = 0.0):  # fmt: skip
+                 duration: float = 0.0, port: bool = False):  # fmt: skip
         self.address = address  # int or secondary address string
         self.telegram = telegram
         self.error = error
         self.duration = duration
+        self.port = port  # the error is the port's (it could not be opened), not the meter's
 
 
 def readings_from_frames(frames: Sequence[bytes]) -> list:
@@ -1769,14 +1946,20 @@ def exposition(readings: Sequence[Reading], const_labels=(), last_success=None) 
                     ("manufacturer", t.manufacturer or ""),
                     ("version", "" if t.version is None else str(t.version)),
                     ("medium", t.medium_name),
-                ),
+                )
+                + identifier_labels(t),
                 1,
             )
         when = last_success.get(str(reading.address))
         if when is not None:
             exp.add("last_success_timestamp_seconds", address, round(when, 3))
-    for reading in first_of_each_meter(readings):
-        add_telegram(exp, reading.telegram, reading.address)
+    meters = first_of_each_meter(readings)
+    ids = [meter_label(r.telegram, r.address) for r in meters]
+    for reading, meter in zip(meters, ids):
+        labels: tuple = (("meter", meter),)
+        if ids.count(meter) > 1:  # two meters with one id: told apart by their address
+            labels += (("address", str(reading.address)),)
+        add_telegram(exp, reading.telegram, labels)
     return exp.render()
 
 
@@ -1788,9 +1971,9 @@ def first_of_each_meter(readings: Sequence[Reading]) -> list:
     for reading in readings:
         if reading.telegram is None:
             continue
-        meter = meter_label(reading.telegram, reading.address)
-        if meter not in seen:
-            seen.add(meter)
+        key = identity(reading.telegram, reading.address)
+        if key not in seen:
+            seen.add(key)
             out.append(reading)
     return out
 
@@ -2029,32 +2212,90 @@ class LabelType(click.ParamType):
             self.fail(f"{name!r} is not a valid Prometheus label name", param, ctx)
         if name in RESERVED_LABELS:
             self.fail(f"label {name!r} is set by the tool itself", param, ctx)
+        try:  # the environment's bytes arrive as surrogates when they are not UTF-8
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(
+                f"the value of label {name!r} is not UTF-8 (an EnvironmentFile in Latin-1?)",
+                param,
+                ctx,
+            )
         return (name, text)
 
 
 def _emit(text: str, output: str) -> None:
     if output == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _stdout(text)
         return
     write_atomic(output, text)
+
+
+def _stdout(text: str) -> None:
+    """Write to stdout; a full disk or a closed pipe is an OutputError, said once."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        try:  # what is still buffered must not fail again when Python exits
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        raise OutputError(f"cannot write to standard output: {_reason(exc)}") from None
 
 
 def _fail(message: str) -> None:
     click.echo(f"{PROG}: {message}", err=True)
 
 
-def read_meters(port, addresses, *, baudrate, timeout, retries, log) -> list:
-    bus = Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
+def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list:
+    """Read every address in turn, one Reading each.
+
+    A port that fails (an adapter unplugged or reset) fails the meter being read; it
+    is opened anew for the next one, and when that fails too, the meters left get that
+    error.  A meter that stays silent while another program has the port open is told so.
+    """
     readings = []
+    bus = None
+    port_error = None
     for address in addresses:
         start = time.monotonic()
+        if bus is None and port_error is None:
+            try:
+                port = open_port(url, baudrate)
+            except BusError as exc:
+                port_error = str(exc)
+            else:
+                bus = Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
+        if port_error is not None:
+            readings.append(Reading(address, error=port_error, port=True))
+            continue
         try:
             telegram = bus.read(address)
             readings.append(Reading(address, telegram, duration=time.monotonic() - start))
         except BusError as exc:
-            readings.append(Reading(address, error=str(exc), duration=time.monotonic() - start))
+            error = str(exc)
+            if isinstance(exc, PortError):
+                _close(bus.port)
+                bus = None
+            readings.append(Reading(address, error=error, duration=time.monotonic() - start))
+    if bus is not None:
+        _close(bus.port)
+    if any(r.error and not r.port for r in readings):
+        holders = port_holders(url)
+        if holders:
+            for reading in readings:
+                if reading.error and not reading.port:
+                    reading.error += f"; {url} is also open in {holders}, which may eat answers"
     return readings
+
+
+def _close(port) -> None:
+    try:
+        port.close()
+    except PORT_ERRORS:
+        pass  # a port that went away cannot be closed any better
 
 
 @click.command(context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100})
@@ -2128,6 +2369,10 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     if len(modes) != 1:
         what = "nothing to do" if not modes else f"{' and '.join(modes)} exclude each other"
         raise click.UsageError(f"{what}: give one of --once, --decode FILE or --scan")
+    names = [name for name, _ in labels]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise click.BadParameter(f"label {twice[0]!r} is given twice", param_hint="--label")
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     if output is None:  # a decoded capture never replaces the live file unless asked to
         output = "-" if decode_file is not None else DEFAULT_OUTPUT
@@ -2149,18 +2394,9 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     elif scan:
         sys.exit(_scan(port, baudrate, timeout, retries, log))
     else:
-        try:
-            serial_port = open_port(port, baudrate)
-        except BusError as exc:  # one line for the port, not one per address
-            _fail(str(exc))
-            readings = [Reading(a, error=str(exc)) for a in addresses]
-        else:
-            try:
-                readings = read_meters(serial_port, addresses, baudrate=baudrate,
-                                       timeout=timeout, retries=retries, log=log)  # fmt: skip
-            finally:
-                serial_port.close()
-            _report(readings)
+        readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout,
+                               retries=retries, log=log)  # fmt: skip
+        _report(readings)
 
     if fmt == "json":
         text = render_json(readings)
@@ -2176,12 +2412,22 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
 
 
 def _report(readings: Sequence[Reading]) -> None:
-    """One line on stderr for each meter that failed, or that was read twice."""
-    kept = {id(reading) for reading in first_of_each_meter(readings)}
+    """One line on stderr for each failure (meters that failed alike share it), and one
+    for each meter that was read twice."""
+    failed: dict = {}
     for reading in readings:
         if reading.error:
-            _fail(f"address {reading.address}: {reading.error}")
-        elif id(reading) not in kept:
+            failed.setdefault((reading.error, reading.port), []).append(str(reading.address))
+    for (error, port), addresses in failed.items():
+        if port and len(addresses) == len(readings):  # the port, before any meter was read
+            _fail(error)
+        elif port:
+            _fail(f"{error} (not read: address {', '.join(addresses)})")
+        else:
+            _fail(f"address {', '.join(addresses)}: {error}")
+    kept = {id(reading) for reading in first_of_each_meter(readings)}
+    for reading in readings:
+        if reading.telegram is not None and id(reading) not in kept:
             meter = meter_label(reading.telegram, reading.address)
             _fail(f"address {reading.address}: meter {meter} was read at another "
                   "address too; its readings are written once")  # fmt: skip
@@ -2202,15 +2448,26 @@ def _scan(port, baudrate, timeout, retries, log) -> int:
                     continue
                 try:
                     found.append(bus.read(address))
+                except PortError:
+                    raise
                 except BusError as exc:
                     _fail(f"address {address} answered SND_NKE but not REQ_UD2: {exc}")
+    except PortError as exc:
+        _fail(str(exc))
+        return 1
     finally:
-        serial_port.close()
-    for t in found:
-        click.echo(
-            f"address {t.address:3d}  id {t.id}  manufacturer {t.manufacturer}  "
-            f"version {t.version}  medium {t.medium_name}"
+        _close(serial_port)
+    try:
+        _stdout(
+            "".join(
+                f"address {t.address:3d}  id {t.id}  manufacturer {t.manufacturer}  "
+                f"version {t.version}  medium {t.medium_name}\n"
+                for t in found
+            )
         )
+    except OutputError as exc:
+        _fail(str(exc))
+        return 1
     if not found:
         _fail("no meter answered on addresses 0-250")
         return 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import serial
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
@@ -16,49 +18,21 @@ SND_NKE_FE = bytes.fromhex("10 40 FE 3E 16")
 REQ_UD2_FE_FCB1 = bytes.fromhex("10 7B FE 79 16")
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ClockedPort:
-    """A FakePort whose empty reads cost one read slice of fake time, not real time."""
-
-    def __init__(self, bus: sim.SimulatedBus, clock: FakeClock):
-        self.inner = sim.FakePort(bus, timeout=0)
-        self.clock = clock
-        self.empty_reads = 0
-
-    @property
-    def written(self) -> bytes:
-        return bytes(self.inner.written)
-
-    def write(self, data: bytes) -> int:
-        return self.inner.write(data)
-
-    def read(self, n: int = 1) -> bytes:
-        data = self.inner.read(n)
-        if not data:
-            self.empty_reads += 1
-            self.clock.now += kt.READ_SLICE
-        return data
-
-    def reset_input_buffer(self) -> None:
-        self.inner.reset_input_buffer()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def make_bus(meters, *, echo=False, timeout=0.5, retries=2):
-    clock = FakeClock()
-    port = ClockedPort(sim.SimulatedBus(meters, echo=echo), clock)
-    bus = kt.Bus(port, baudrate=2400, timeout=timeout, retries=retries, pause=0)
+def make_bus(meters, *, echo=False, timeout=0.5, retries=2, baudrate=2400, pause=0.0):
+    """A Bus on a line in simulated time: answers take their delay and wire time."""
+    clock = sim.SimClock()
+    port = sim.FakePort(
+        sim.SimulatedBus(meters, echo=echo), timeout=kt.READ_SLICE, clock=clock, baudrate=baudrate
+    )
+    bus = kt.Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, pause=pause)
     bus.clock = clock
     return bus, port, clock
+
+
+def window(request_bytes: int, timeout: float, baudrate: int = 2400) -> float:
+    """How long after a request is sent its answer may begin: the request and the answer's
+    first byte on the wire, plus the timeout (never below the standard's limit)."""
+    return kt.wire_seconds(request_bytes + 1, baudrate) + max(timeout, kt.slowest_answer(baudrate))
 
 
 def short_frames(written: bytes) -> list:
@@ -127,25 +101,54 @@ def test_multi_telegram_toggles_fcb_and_merges_records():
     assert not telegram.more_records_follow
 
 
-class EndlessMeter(sim.Meter):
-    """Always says "more records follow" (a broken or malicious slave)."""
-
-    def telegrams(self):
-        return [sim.split_more_records(super().telegrams()[0])[0]]
+def req_ud2_c_fields(meter) -> list:
+    return [f[1] for f in meter.requests if f[0] == 0x10 and f[1] & 0xCF == 0x4B]
 
 
-def test_at_most_sixteen_telegrams_alternating_fcb():
-    meter = EndlessMeter(address=48)
-    bus, port, _ = make_bus([meter])
+def test_a_lost_answer_is_asked_for_again_with_the_same_fcb():
+    """The second telegram's answer is corrupt once: the retry must keep FCB=0, so the
+    meter sends the second telegram again (a toggled FCB would have skipped it)."""
+    meter = sim.Meter(address=48, multi=True, corrupt=frozenset({2}))
+    bus, _, _ = make_bus([meter], retries=1)
     telegram = bus.read(48)
-    requests = [f for f in short_frames(port.written) if f[1] & 0xCF == 0x4B]
-    assert len(requests) == kt.MAX_TELEGRAMS == 16
-    assert [f[1] for f in requests] == [0x7B, 0x5B] * 8
-    # 16 halves of 7 records each, the 0x1F markers dropped except the last
-    assert len([r for r in telegram.records if r.dib != b"\x1f"]) == 16 * 7
+    assert req_ud2_c_fields(meter) == [0x7B, 0x5B, 0x5B]
+    assert telegram.records == expected_records()
+
+
+def test_the_simulator_honours_the_fcb_as_a_slave_does():
+    meter = sim.Meter(address=48, multi=True)
+    first, second = meter.telegrams()
+    meter.reset_link()
+    assert meter.answer(fcb=1) == first
+    assert meter.answer(fcb=1) == first  # repeated FCB: the same telegram again
+    assert meter.answer(fcb=0) == second  # toggled: the next one
+    assert meter.answer(fcb=0) == second
+    assert meter.answer(fcb=1) == first  # after the last, it starts over
+
+
+def test_a_meter_that_ignores_the_fcb_is_a_failed_read_not_sixteen_copies():
+    meter = sim.Meter(address=48, ignore_fcb=True, endless=True)
+    message = _bus_error(meter, retries=2)
+    assert message == (
+        "telegram 2 repeats telegram 1 although the FCB was toggled: the meter ignores the FCB"
+    )
+    assert req_ud2_c_fields(meter) == [0x7B, 0x5B]  # no retry: it answered, wrongly
+
+
+def test_a_meter_that_never_stops_is_a_failed_read_after_sixteen_telegrams():
+    meter = sim.Meter(address=48, multi=True, endless=True)  # halves in turn, each "more"
+    message = _bus_error(meter, retries=0)
+    assert message == "still 'more records follow' after 16 telegrams: gave up"
+    assert req_ud2_c_fields(meter) == [0x7B, 0x5B] * 8
+    assert kt.MAX_TELEGRAMS == 16
 
 
 # --- retries and corrupt answers ---------------------------------------------------
+
+
+def quiet_period(bus) -> float:
+    """How long the line must stay quiet before a retry (the pause, at least 4 bytes' time)."""
+    return max(bus.pause, kt.wire_seconds(4, bus.baudrate))
 
 
 def test_retry_after_silence_succeeds():
@@ -154,7 +157,9 @@ def test_retry_after_silence_succeeds():
     telegram = bus.read(48)
     assert telegram.id == "30303030"
     assert short_frames(port.written)[:2] == [bytes.fromhex("10 40 30 70 16")] * 2
-    assert 0.5 <= clock.now <= 0.5 + kt.READ_SLICE + 1e-9  # one timeout lost, no more
+    first, retry = port.sent[0][0], port.sent[1][0]
+    lost = window(5, 0.5) + quiet_period(bus)  # one window lost, then a quiet line, no more
+    assert lost <= retry - first <= lost + 2 * kt.READ_SLICE
 
 
 def test_silent_meter_fails_with_no_answer():
@@ -316,21 +321,28 @@ def test_several_meters_one_missing_costs_only_its_deadlines():
     assert read[133] == "82937133"
     assert read[74] == "77447744"
     assert "no answer" in read[5]
-    assert spent[48] == spent[133] == spent[74] == 0.0
-    slack = (1 + retries) * kt.READ_SLICE + 1e-9
-    assert (1 + retries) * timeout <= spent[5] <= (1 + retries) * timeout + slack
+    for address, meter in ((48, meters[0]), (133, meters[1]), (74, meters[2])):
+        # nothing but the wire: SND_NKE, delay, E5, REQ_UD2, delay, the answer
+        answer = len(meter.telegrams()[0])
+        wire = 2 * (kt.wire_seconds(5, 2400) + meter.delay) + kt.wire_seconds(1 + answer, 2400)
+        assert spent[address] == pytest.approx(wire, abs=1e-9)
+    floor = (1 + retries) * window(5, timeout) + retries * quiet_period(bus)
+    assert floor <= spent[5] <= floor + (1 + 2 * retries) * kt.READ_SLICE
     to_5 = [f for f in short_frames(port.written) if f[2] == 5]
     assert to_5 == [bytes.fromhex("10 40 05 45 16")] * (1 + retries)
 
 
-def test_read_meters_reports_each_address():
+def test_read_meters_reports_each_address(monkeypatch):
     meters = [sim.Meter(address=48), sim.Meter(address=133, ident="82937133", kind="303-heat")]
     port = sim.FakePort(sim.SimulatedBus(meters), timeout=0.001)
-    readings = kt.read_meters(port, [48, 5, 133], baudrate=2400, timeout=0.05, retries=0, log=None)
+    monkeypatch.setattr(kt, "open_port", lambda url, baudrate: port)
+    readings = kt.read_meters("fake", [48, 5, 133], baudrate=2400, timeout=0.05, retries=0,
+                              log=None)  # fmt: skip
     assert [r.address for r in readings] == [48, 5, 133]
     assert [r.telegram is not None for r in readings] == [True, False, True]
     assert "no answer" in readings[1].error
     assert readings[2].telegram.id == "82937133"
+    assert port.closed
 
 
 # --- the line going away -----------------------------------------------------------------
@@ -379,3 +391,49 @@ def test_timeout_is_never_below_the_standards_slowest_answer():
     assert kt.Bus(port, baudrate=2400, timeout=0.05).timeout == 330 / 2400 + 0.05
     assert kt.Bus(port, baudrate=38400, timeout=0.05).timeout == 330 / 38400 + 0.05
     assert kt.Bus(port, baudrate=2400, timeout=1.0).timeout == 1.0
+
+
+# --- answers near the deadline -------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    baudrate=st.sampled_from([300, 2400, 9600, 38400]),
+    lateness=st.floats(0.0, 1.0, exclude_max=True),
+    timeout=st.floats(0.05, 0.5),
+    multi=st.booleans(),
+)
+def test_an_answer_that_begins_within_the_standards_limit_is_read_at_once(
+    baudrate, lateness, timeout, multi
+):
+    """A meter may start answering up to 330 bit times + 50 ms after the request (EN
+    13757-2), whatever --timeout says; its answer then gets its own wire time."""
+    delay = lateness * kt.slowest_answer(baudrate)
+    meter = sim.Meter(address=48, delay=delay, multi=multi)
+    bus, _, _ = make_bus([meter], timeout=timeout, retries=2, baudrate=baudrate)
+    telegram = bus.read(48)
+    assert telegram.records == expected_records()
+    assert len(meter.requests) == 3 if multi else 2  # not one retry
+
+
+def test_the_issues_case_an_answer_at_187_ms_with_timeout_0_1():
+    meter = sim.Meter(address=48, delay=0.187)
+    bus, _, _ = make_bus([meter], timeout=0.1, retries=0)
+    assert bus.read(48).id == "30303030"
+
+
+def test_a_retry_waits_until_a_late_answer_is_over():
+    """The first answer comes after the window: the retry must not go out while it is
+    still on the wire, or the answer to the retry comes too late behind it."""
+    late = window(5, 0.1) + 0.02
+    meter = sim.Meter(address=48, delays=[0.05, late])  # E5 in time, the frame late
+    lines = []
+    bus, port, _ = make_bus([meter], timeout=0.1, retries=1, pause=0.1)
+    bus.log = lines.append
+    telegram = bus.read(48)
+    assert telegram.records == expected_records()
+    assert req_ud2_c_fields(meter) == [0x7B, 0x7B]  # the retry keeps the FCB
+    (first, _), (retry, _) = [s for s in port.sent if s[1][1] & 0xCF == 0x4B]
+    late_end = first + kt.wire_seconds(5, 2400) + late + kt.wire_seconds(142, 2400)
+    assert retry >= late_end + quiet_period(bus)
+    assert any(line.startswith("late 68 88 88 68") for line in lines)

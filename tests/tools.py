@@ -111,3 +111,17 @@ def shortest_float32_decimal(x: float):
         except OverflowError:  # rounded beyond the largest float32
             continue
     raise AssertionError(f"{x!r} is not a float32")
+
+
+class SimTime:
+    """Stands in for the time module (monkeypatch kt.time): monotonic() and sleep() in a
+    simulated clock, so a run's deadlines pass without waiting; the rest is real time."""
+
+    def __init__(self, clock):
+        self.monotonic = clock
+        self.sleep = clock.sleep
+
+    def __getattr__(self, name):
+        import time
+
+        return getattr(time, name)
