@@ -357,32 +357,16 @@ class Container:
             _stop(proc)
 
     @contextmanager
-    def meter(self):
-        """kamstrup-sim (from the package) on a pty of the container, as /dev/ttymeterBus.
-
-        One simulator for one run of the service: a pty serves one client's
-        configuration (../shared/FIELD-NOTES.md, pyserial on Linux).
+    def meter(self, *faults: str):
+        """kamstrup-sim (from the package) on a pty of the container, as /dev/ttymeterBus:
+        its default MULTICAL 303, with the simulator's faults (``silent``, ...) if given.
         """
-        with self.background("kamstrup-sim") as first:
+        spec = ",".join(["303:48:30303030", *faults])
+        with self.background("kamstrup-sim", "--meter", spec) as first:
             m = re.search(r" on (/dev/pts/\d+) ", first)
             assert m, f"kamstrup-sim said {first!r}"
             self.run("ln", "-sfn", m.group(1), PORT)
             yield m.group(1)
-
-    @contextmanager
-    def silent_meter(self):
-        """A pty that nobody answers on, as /dev/ttymeterBus."""
-        code = (
-            "import os, sys, tty\n"
-            "master, slave = os.openpty()\n"
-            "tty.setraw(slave)\n"
-            "print(os.ttyname(slave), flush=True)\n"
-            "sys.stdin.read()\n"
-        )
-        with self.background("python3", "-c", code) as first:
-            assert first.startswith("/dev/pts/"), first
-            self.run("ln", "-sfn", first.strip(), PORT)
-            yield first.strip()
 
     def start_service(self):
         """systemctl start kamstrup.service: (status, the tool's journal lines, the file)."""
@@ -504,6 +488,19 @@ def test_service_reads_the_meter(container):
     assert container.systemctl("is-failed", "kamstrup.service") == "inactive"
 
 
+def test_one_simulator_serves_successive_runs(container):
+    """The timer's case: the same port read again and again (the pty set up anew)."""
+    stamps = []
+    with container.meter():
+        for _ in range(3):
+            status, lines, text = container.start_service()
+            assert (status, lines) == (0, []), lines
+            values = samples(text)
+            assert values[("kamstrup_up", '{address="254"}')] == 1
+            stamps.append(values[("kamstrup_last_success_timestamp_seconds", '{address="254"}')])
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3, stamps
+
+
 def test_node_exporter_serves_our_series(container):
     with container.meter():
         status, lines, _ = container.start_service()
@@ -524,7 +521,7 @@ def test_node_exporter_serves_our_series(container):
 
 
 def test_silent_meter_fails_the_unit_with_one_line(container):
-    with container.silent_meter():
+    with container.meter("silent"):
         status, lines, text = container.start_service()
     assert status != 0
     assert container.systemctl("is-failed", "kamstrup.service") == "failed"
@@ -662,7 +659,7 @@ def test_prometheus_records_legacy_names_and_alerts(container, tmp_path):
             assert got[key] == pytest.approx(value, rel=1e-9), key
         assert not query(container, 'ALERTS{alertname="KamstrupMeterNotRead"}')
 
-        with container.silent_meter():
+        with container.meter("silent"):
             status, lines, _ = container.start_service()
         assert status != 0 and len(lines) == 1, lines
 
