@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -302,7 +303,7 @@ class Container:
 
     # -- running things inside
 
-    def command(self, *cmd: str, fork: bool = True) -> list[str]:
+    def command(self, *cmd: str) -> list[str]:
         env = [
             f"PATH={SYSTEM_PATH}",
             "LANG=C.UTF-8",
@@ -352,8 +353,9 @@ class Container:
             self.command(*cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         try:
-            first = proc.stdout.readline()
-            yield first
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, f"{' '.join(cmd)} in the container said nothing within 30 s"
+            yield proc.stdout.readline()
         finally:
             _stop(proc)
 
