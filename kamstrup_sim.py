@@ -113,6 +113,7 @@ class Meter:
     ignore_fcb: bool = False  # always the first telegram, whatever the FCB says
     endless: bool = False  # every telegram says "more records follow" (DIF 0x1F)
     corrupt: frozenset = frozenset()  # answers to these REQ_UD2 (1, 2, ...) get a bad checksum
+    baudrate: int | None = None  # the only rate it hears (None: any)
     selected: bool = False
     requests: list = field(default_factory=list)
     _fcb: int | None = None  # FCB of the last REQ_UD2 answered; None after SND_NKE
@@ -125,6 +126,16 @@ class Meter:
         if self.endless:  # "more follow" on each, told apart by their access numbers
             telegrams = [_more_follow(t, access) for access, t in enumerate(telegrams * 32)]
         return telegrams
+
+    def matches(self, mask: bytes) -> bool:
+        """Whether a selection (ID, MAN, VER, MED; F nibbles, FF bytes wildcards) is ours."""
+        wanted = mask[0:4][::-1].hex().upper()
+        if any(w != "F" and w != own for w, own in zip(wanted, self.ident)):
+            return False
+        header = self.telegrams()[0][11:15]  # MAN(2) VER MED after C A CI ID(4)
+        if mask[4:6] != b"\xff\xff" and mask[4:6] != header[0:2]:
+            return False
+        return all(m in (0xFF, own) for m, own in zip(mask[6:8], header[2:4]))
 
     def next_delay(self) -> float:
         return self.delays.pop(0) if self.delays else self.delay
@@ -162,7 +173,13 @@ def _more_follow(frame: bytes, access: int) -> bytes:
 
 
 class SimulatedBus:
-    """The slaves on one bus: takes the master's bytes, gives the answers to send back."""
+    """The slaves on one bus: takes the master's bytes, gives the answers to send back.
+
+    A meter hears only requests sent at its baud rate (at another rate it gets
+    garbage and stays silent, as a real one does); several meters that answer one
+    request answer at once and their bytes smear on the wire (wired-AND, and garbage
+    where they are out of step), as on a real M-Bus.
+    """
 
     def __init__(self, meters, *, echo: bool = False):
         self.meters = list(meters)
@@ -170,8 +187,9 @@ class SimulatedBus:
         self.buffer = bytearray()
         self.log: list = []
 
-    def feed(self, data: bytes) -> list:
-        """Bytes from the master -> list of (delay seconds, bytes, disconnect after?)."""
+    def feed(self, data: bytes, rate: int | None = None) -> list:
+        """Bytes from the master at ``rate`` (None: a gateway, every meter hears) ->
+        list of (seconds after the request, bytes, disconnect after?), in time order."""
         out = []
         if self.echo and data:
             out.append((0.0, bytes(data), False))
@@ -181,7 +199,11 @@ class SimulatedBus:
             if request is None:
                 break
             self.log.append(request)
-            out.extend(self._handle(request))
+            hearing = [m for m in self.meters if m.baudrate is None or rate in (None, m.baudrate)]
+            answers = self._handle(request, hearing)
+            if len(answers) > 1:
+                answers = _smear(answers, 11 / (rate or 2400))
+            out.extend(answers)
         return out
 
     def _take_frame(self):
@@ -205,20 +227,21 @@ class SimulatedBus:
         del buf[:length]
         return frame
 
-    def _targets(self, address: int):
+    @staticmethod
+    def _targets(address: int, meters):
         if address == 0xFE:
-            return [m for m in self.meters]
+            return list(meters)
         if address == 0xFD:
-            return [m for m in self.meters if m.selected]
-        return [m for m in self.meters if m.address == address]
+            return [m for m in meters if m.selected]
+        return [m for m in meters if m.address == address]
 
-    def _handle(self, frame: bytes) -> list:
+    def _handle(self, frame: bytes, meters) -> list:
         out = []
         if frame[0] == 0x10:
             c, a = frame[1], frame[2]
             if frame[3] != (c + a) & 0xFF:
                 return out
-            for meter in self._targets(a):
+            for meter in self._targets(a, meters):
                 meter.requests.append(frame)
                 if not self._awake(meter):
                     continue
@@ -235,12 +258,13 @@ class SimulatedBus:
                     else:
                         out.append((meter.next_delay(), answer, False))
             return out
-        # long frame from the master: SND_UD (either FCB) selecting a secondary address
+        # long frame from the master: SND_UD (either FCB) selecting by secondary address,
+        # F nibbles and FF bytes as wildcards; a meter that does not match is deselected
         c, a, ci = frame[4], frame[5], frame[6]
-        if c & 0xDF == 0x53 and a == 0xFD and ci == 0x52:
-            wanted = frame[7:11][::-1].hex().upper()
-            for meter in self.meters:
-                meter.selected = meter.ident == wanted
+        if c & 0xDF == 0x53 and a == 0xFD and ci == 0x52 and len(frame) == 17:
+            mask = frame[7:15]
+            for meter in meters:
+                meter.selected = meter.matches(mask)
                 if meter.selected:
                     meter.requests.append(frame)
                     meter.reset_link()
@@ -256,6 +280,41 @@ class SimulatedBus:
             meter.fail_first -= 1
             return False
         return True
+
+
+def _smear(answers: list, byte_time: float) -> list:
+    """Answers sent at once, as the master hears them.  Where they overlap, the first
+    bytes of two answers in step AND (a 0 bit from any slave wins on the wire: two E5s
+    make one E5, a lone byte that looks valid); out of step they turn into garbage; and
+    the later bytes of answers that overlap are framing errors (the slaves' clocks
+    drift apart within a few bytes), which Linux reads as 00."""
+    events = sorted(
+        (delay + i * byte_time, byte, i)
+        for delay, data, _ in answers
+        for i, byte in enumerate(data)
+    )
+    heard: list = []  # [time, byte, first bytes only so far?]
+    for when, byte, index in events:
+        if heard and when - heard[-1][0] < byte_time - 1e-9:  # overlaps the byte before
+            shift = round((when - heard[-1][0]) / byte_time * 11) % 8
+            if index or not heard[-1][2]:
+                heard[-1][1] = 0x00
+            elif shift:
+                heard[-1][1] &= ((byte << shift) | (byte >> (8 - shift))) & 0xFF
+            else:
+                heard[-1][1] &= byte
+            heard[-1][2] = heard[-1][2] and index == 0
+        else:
+            heard.append([when, byte, index == 0])
+    runs: list = []  # back to (delay, bytes) runs of back-to-back bytes
+    for when, byte, _ in heard:
+        if runs and abs(when - (runs[-1][0] + len(runs[-1][1]) * byte_time)) < 1e-9:
+            runs[-1][1].append(byte)
+        else:
+            runs.append([when, bytearray((byte,))])
+    disconnect = any(d for _, _, d in answers)
+    last = len(runs) - 1
+    return [(when, bytes(data), disconnect and i == last) for i, (when, data) in enumerate(runs)]
 
 
 class SimClock:
@@ -286,7 +345,7 @@ class FakePort:
         self.bus = bus
         self.timeout = timeout
         self.clock = clock
-        self.byte_time = 11 / baudrate
+        self.baudrate = baudrate  # the master sets it; meters at another rate do not hear
         self.incoming: list = []  # (arrival time, byte), in order
         self.line_free = 0.0  # when the last scheduled answer has left the meter
         self.hangup: float | None = None  # from this time on the line is gone
@@ -298,6 +357,10 @@ class FakePort:
     def disconnected(self) -> bool:
         return self.hangup is not None
 
+    @property
+    def byte_time(self) -> float:
+        return 11 / self.baudrate
+
     def _now(self) -> float:
         return self.clock() if self.clock is not None else 0.0
 
@@ -306,7 +369,7 @@ class FakePort:
         self.written += data
         self.sent.append((now, bytes(data)))
         sent = now + len(data) * self.byte_time if self.clock is not None else now
-        for delay, answer, disconnect in self.bus.feed(bytes(data)):
+        for delay, answer, disconnect in self.bus.feed(bytes(data), rate=self.baudrate):
             if self.clock is None:
                 times = [now] * len(answer)
             else:
@@ -317,6 +380,11 @@ class FakePort:
             if disconnect and self.hangup is None:
                 self.hangup = times[-1] if times else sent + delay
         return len(data)
+
+    @property
+    def in_waiting(self) -> int:
+        now = self._now()
+        return sum(1 for t, _ in self.incoming if self.clock is None or t <= now)
 
     def read(self, n: int = 1) -> bytes:
         if self.clock is None:
@@ -373,27 +441,31 @@ class _Line:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def _send(self, send, data: bytes) -> None:
-        if not self.byte_time:
+    def _send(self, send, data: bytes, byte_time: float) -> None:
+        if not byte_time:
             send(data)
             return
         start = time.monotonic()
         for i in range(len(data)):
             if self.stop.is_set():
                 return
-            target = start + (i + 1) * self.byte_time  # a byte is there once its 11 bits are
+            target = start + (i + 1) * byte_time  # a byte is there once its 11 bits are
             wait = target - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
             send(data[i : i + 1])
 
-    def _answer(self, data: bytes, send, hang_up) -> bool:
-        """Feed the master's bytes to the bus and send its answers; False once hung up."""
-        for delay, answer, disconnect in self.bus.feed(data):
-            if delay:
-                time.sleep(delay)
+    def _answer(self, data: bytes, send, hang_up, rate=None) -> bool:
+        """Feed the master's bytes to the bus and send its answers, each at its time after
+        the request (paced at ``rate`` if known); False once hung up."""
+        start = time.monotonic()
+        byte_time = self.byte_time and (11 / rate if rate else self.byte_time)
+        for delay, answer, disconnect in self.bus.feed(data, rate=rate):
+            wait = start + delay - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
             try:
-                self._send(send, answer)
+                self._send(send, answer, byte_time)
             except OSError:
                 return False
             if disconnect:
@@ -441,11 +513,13 @@ class PtyLine(_Line):
         """The baud rate the client set, as the master sees it (None with no client)."""
         import termios
 
-        code = termios.tcgetattr(self.master)[4]
-        for name in dir(termios):
-            if name.startswith("B") and name[1:].isdigit() and getattr(termios, name) == code:
-                return int(name[1:])
-        return None
+        if not hasattr(self, "_speeds"):
+            self._speeds = {
+                getattr(termios, name): int(name[1:])
+                for name in dir(termios)
+                if name.startswith("B") and name[1:].isdigit()
+            }
+        return self._speeds.get(termios.tcgetattr(self.master)[4])
 
     def _run(self) -> None:
         import termios
@@ -463,7 +537,8 @@ class PtyLine(_Line):
                     data = b""
                 if data:
                     present = True
-                    if not self._answer(data, lambda b: os.write(self.master, b), self._unplug):
+                    send = lambda b: os.write(self.master, b)  # noqa: E731
+                    if not self._answer(data, send, self._unplug, self.client_speed()):
                         return
                     continue
             if flags & (select.POLLHUP | select.POLLERR):  # nobody has the pty open
@@ -556,6 +631,7 @@ _FAULTS = {
     "application_error": int,
     "ignore_fcb": bool,
     "endless": bool,
+    "baudrate": int,
 }
 
 

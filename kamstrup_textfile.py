@@ -78,7 +78,8 @@ def req_ud2(address: int, fcb: bool) -> bytes:
 def select_secondary(secondary: str) -> bytes:
     """SND_UD to 253 that selects the meter whose identification number is ``secondary``.
 
-    Manufacturer, version and medium are wildcards (FF FF, FF, FF).
+    An F digit is a wildcard (EN 13757-3's search); manufacturer, version and medium are
+    wildcards too (FF FF, FF, FF).
     """
     ident = bytes.fromhex(secondary)[::-1]
     return long_frame(C_SND_UD, ADDRESS_SECONDARY, 0x52, ident + b"\xff\xff\xff\xff")
@@ -151,12 +152,17 @@ def parse_long_frame(buf: bytes) -> LongFrame:
 
 
 def parse_hex(text: str) -> bytes:
-    """Hex digits in any case, separated or not by white space (the libmbus .hex layout)."""
+    """Hex digits in any case, separated or not by white space (the libmbus .hex layout);
+    lines whose first character other than a blank is # are comments (--capture)."""
+    lines = []
     for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("#"):
+            continue
         bad = re.search(r"[^0-9A-Fa-f\s]", line)
         if bad:
             raise FrameError(f"line {number}: {bad.group()!r} is not a hex digit")
-    digits = "".join(text.split())
+        lines.append(line)
+    digits = "".join("".join(lines).split())
     if not digits:
         raise FrameError("no hex digits")
     if len(digits) % 2:
@@ -254,12 +260,12 @@ class Record(_Plain):
 
     __slots__ = (
         "storage", "tariff", "subunit", "function", "quantity", "unit", "value",
-        "dib", "vib", "modifiers", "manufacturer_vife", "text_unit",
+        "dib", "vib", "modifiers", "manufacturer_vife", "text_unit", "utc_offset",
     )  # fmt: skip
 
     def __init__(
         self, storage, tariff, subunit, function, quantity, unit, value,
-        dib=b"", vib=b"", modifiers=(), manufacturer_vife=b"", text_unit="",
+        dib=b"", vib=b"", modifiers=(), manufacturer_vife=b"", text_unit="", utc_offset=None,
     ):  # fmt: skip
         self.storage = storage
         self.tariff = tariff
@@ -273,6 +279,7 @@ class Record(_Plain):
         self.modifiers = modifiers  # combinable VIFEs, by name
         self.manufacturer_vife = manufacturer_vife  # after a manufacturer-specific VIF(E)
         self.text_unit = text_unit  # the unit of a plain-text VIF (0x7C/0xFC)
+        self.utc_offset = utc_offset  # "+02:00": a local date-time the SU bit placed
 
     @property
     def current(self) -> bool:
@@ -299,6 +306,8 @@ class Record(_Plain):
             out["modifiers"] = list(self.modifiers)
         if self.text_unit:
             out["text_unit"] = self.text_unit
+        if self.utc_offset:
+            out["utc_offset"] = self.utc_offset
         return out
 
 
@@ -441,7 +450,7 @@ FD_VIFES: dict = {
     **_single(0x16, "password", kind="id"),
     **_single(0x17, "error_flags", kind="bits"),
     **_single(0x18, "error_mask", kind="bits"),
-    **_single(0x19, "reserved"),
+    **_single(0x19, "security_key", kind="id"),  # EN 13757-3:2018
     **_single(0x1A, "digital_output", kind="bits"),
     **_single(0x1B, "digital_input", kind="bits"),
     **_single(0x1C, "baud_rate", "Bd"),
@@ -451,7 +460,7 @@ FD_VIFES: dict = {
     **_single(0x20, "first_storage_number"),
     **_single(0x21, "last_storage_number"),
     **_single(0x22, "storage_block_size"),
-    **_single(0x23, "reserved"),
+    **_single(0x23, "tariff_subunit_descriptor", kind="id"),  # 2018
     **_durations("storage_interval", 0x24),
     **_single(0x28, "storage_interval_months", "month"),
     **_single(0x29, "storage_interval_years", "year"),
@@ -464,8 +473,8 @@ FD_VIFES: dict = {
     **_single(0x38, "tariff_period_months", "month"),
     **_single(0x39, "tariff_period_years", "year"),
     **_single(0x3A, "dimensionless"),
-    **_single(0x3B, "reserved"),
-    **{code: ("reserved", "", "number", 1, 1) for code in range(0x3C, 0x40)},
+    **_single(0x3B, "wireless_mbus_container", kind="id"),  # 2018
+    **_durations("nominal_transmission_period", 0x3C),  # 2018
     **_scaled("voltage", "V", 0x40, 16, -9),
     **_scaled("current", "A", 0x50, 16, -12),
     **_single(0x60, "reset_counter"),
@@ -489,27 +498,56 @@ FD_VIFES: dict = {
     **{0x74: ("remaining_battery_life", "s", "number", 86400, 1)},
     **_single(0x75, "meter_stop_count"),
     **_single(0x76, "manufacturer_container", kind="id"),
+    # 0x77-0x7C reserved; 0x7D: the code is in the next VIFE (FD_FD_VIFES)
+}
+
+# VIF 0xFD, VIFE 0xFD: the second level of the main extension table (2018).
+FD_FD_VIFES: dict = {
+    **_single(0x00, "currently_selected_application", kind="id"),
+    **_single(0x02, "remaining_battery_life_months", "month"),
+    **_single(0x03, "remaining_battery_life_years", "year"),
 }
 
 _FT3 = 28316846592  # 1 ft3 = 0.028316846592 m3 (num, with den 10^12)
 _USGAL = 3785411784  # 1 US gallon = 0.003785411784 m3 (den 10^12)
 
-# VIF 0xFB: the first extension table (large units, non-SI units).
+# VIF 0xFB: the first extension table (large units, electricity, non-SI units), to
+# EN 13757-3:2018 (its Table 14).  Apparent and reactive energy stay in VAh and varh:
+# the meter's own unit family, never mistaken for (active) energy in J.  The 2018
+# edition dropped US gallons and degrees Fahrenheit (0x22-0x26, 0x58-0x67, 0x70-0x73)
+# without giving the codes another meaning: older meters still send them, so they keep
+# their earlier meaning here.  Codes not listed are reserved.
 FB_VIFES: dict = {
     **_scaled("energy", "J", 0x00, 2, -1, num=3600 * 10**6),  # 10^(n-1) MWh
     **_scaled("reactive_energy", "varh", 0x02, 2, 3),  # 10^n kvarh
+    **_scaled("apparent_energy", "VAh", 0x04, 2, 3),  # 10^n kVAh (2018)
     **_scaled("energy", "J", 0x08, 2, 8),  # 10^(n-1) GJ
     **_scaled("energy", "J", 0x0C, 4, 1, num=41868),  # 10^(n-1) MCal; 1 MCal = 4186800 J
     **_scaled("volume", "m3", 0x10, 2, 2),
+    **_scaled("reactive_power", "var", 0x14, 4, 0),  # 10^(nn-3) kvar (2018)
     **_scaled("mass", "kg", 0x18, 2, 5),  # 10^(n+2) t
     **_scaled("relative_humidity", "percent", 0x1A, 2, -1),
+    **{0x20: ("volume", "m3", "number", _FT3, 10**12)},  # ft3 (2018)
     **{0x21: ("volume", "m3", "number", _FT3, 10**13)},  # 0.1 ft3
     **_scaled("volume", "m3", 0x22, 2, -13, num=_USGAL),  # 10^(n-1) US gallons
     **{0x24: ("volume_flow", "m3/s", "number", _USGAL, 60 * 10**15)},  # 0.001 gal/min
     **{0x25: ("volume_flow", "m3/s", "number", _USGAL, 60 * 10**12)},  # gal/min
     **{0x26: ("volume_flow", "m3/s", "number", _USGAL, 3600 * 10**12)},  # gal/h
     **_scaled("power", "W", 0x28, 2, 5),  # 10^(n-1) MW
+    **_scaled("phase_voltage_voltage", "deg", 0x2A, 1, -1),  # 0.1 degree (2018)
+    **_scaled("phase_voltage_current", "deg", 0x2B, 1, -1),  # 0.1 degree (2018)
+    **_scaled("frequency", "Hz", 0x2C, 4, -3),  # 10^(nn-3) Hz (2018)
     **_scaled("power", "W", 0x30, 2, 8, den=3600),  # 10^(n-1) GJ/h
+    **_scaled("apparent_power", "VA", 0x34, 4, 0),  # 10^(nn-3) kVA (2018)
+    # Heat cost allocator rating factors (EN 834), fixed point with 12 fraction bits
+    # (2018).  Kq (0x69) is kept raw: public decoders disagree on its scale.
+    **{0x68: ("resulting_rating_factor", "", "number", 1, 4096)},
+    **_single(0x69, "thermal_output_rating_factor"),
+    **{0x6A: ("thermal_coupling_rating_factor", "", "number", 1, 4096)},
+    **{0x6B: ("thermal_coupling_rating_factor_room", "", "number", 1, 4096)},
+    **{0x6C: ("thermal_coupling_rating_factor_heater", "", "number", 1, 4096)},
+    **{0x6D: ("low_temperature_rating_factor", "", "number", 1, 4096)},
+    **{0x6E: ("display_output_scaling_factor", "", "number", 1, 4096)},
     **_scaled("flow_temperature", "degF", 0x58, 4, -3),
     **_scaled("return_temperature", "degF", 0x5C, 4, -3),
     **_scaled("temperature_difference", "K", 0x60, 4, -3, num=5, den=9),  # in degF
@@ -654,6 +692,45 @@ def _decode_datetime(data: bytes) -> str | None:
     return f"{date}T{hour:02d}:{minute:02d}:{seconds:02d}"
 
 
+def _utc_offset(text: str, summer: bool) -> str | None:
+    """The UTC offset ("+02:00") of a type F local time, in this host's time zone, when
+    its SU (summer time) bit decides it; None when it does not.
+
+    SU set: the zone's summer-time offset at that local time, if the zone has one then.
+    SU clear: the standard-time offset, but only in the autumn's repeated hour, where
+    the local time alone names two instants.  Elsewhere a clear bit says nothing: meters
+    that ignore summer time send it clear all year.
+    """
+    if not time.daylight:  # a zone without summer time (UTC): nothing to decide
+        return None
+    import datetime as dt
+
+    fields = (int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]),
+              int(text[14:16]))  # fmt: skip
+    # The local time read as UTC, then moved by the zone's standard and summer offsets
+    # (time.timezone, time.altzone: seconds west): each reading that gives this local
+    # time back exists.  (mktime with tm_isdst=1 would search a year for summer time.)
+    wall = (dt.date(*fields[:3]).toordinal() - 719163) * 86400 + fields[3] * 3600 + fields[4] * 60
+    offsets = {}
+    for isdst, west in ((0, time.timezone), (1, time.altzone)):
+        try:
+            local = time.localtime(wall + west)
+        except (OverflowError, ValueError, OSError):
+            return None
+        if local.tm_isdst == isdst and local[:5] == fields:
+            offsets[isdst] = local.tm_gmtoff
+    if summer:
+        offset = offsets.get(1)
+    elif len(offsets) == 2:
+        offset = offsets[0]
+    else:
+        return None
+    if offset is None:
+        return None
+    sign = "-" if offset < 0 else "+"
+    return f"{sign}{abs(offset) // 3600:02d}:{abs(offset) % 3600 // 60:02d}"
+
+
 def _real32_decimal(data: bytes):
     """The shortest decimal that a 32-bit real stands for, as an exact (numerator,
     denominator) pair; None for NaN and infinities."""
@@ -737,10 +814,11 @@ def _finish_vib(vib: _Vib, raw: bytes) -> _Vib:
     return vib
 
 
-def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
+def _read_vib(payload: bytes, pos: int, end: int, msb: bool = False) -> tuple:
     """The VIF and its VIFEs at ``pos``; returns (_Vib, new position).
 
-    A meter sends the same few VIBs in every answer: each is parsed once.
+    A meter sends the same few VIBs in every answer: each is parsed once.  ``msb``: a
+    plain-text unit comes first character first (CI 0x76), not last first.
     """
     if pos >= end:
         raise FrameError(f"record ends before its VIF at byte {pos}")
@@ -749,7 +827,7 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     if vib is not None:
         return vib, pos + 1
     if vif & 0x7F == 0x7C:  # plain text: the unit is part of the VIB, not cached
-        vib, stop = _parse_vib(payload, pos, end)
+        vib, stop = _parse_vib(payload, pos, end, msb)
         return _finish_vib(vib, payload[pos:stop]), stop
     stop = pos + 1
     while payload[stop - 1] & 0x80:
@@ -769,7 +847,7 @@ def _read_vib(payload: bytes, pos: int, end: int) -> tuple:
     return vib, stop
 
 
-def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
+def _parse_vib(payload: bytes, pos: int, end: int, msb: bool = False) -> tuple:
     start = pos
     vif = payload[pos]
     pos += 1
@@ -781,7 +859,8 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
         length = payload[pos]
         if pos + 1 + length > end:
             raise FrameError(f"plain-text VIF of {length} bytes runs past the frame")
-        text_unit = payload[pos + 1 : pos + 1 + length][::-1].decode("latin-1")
+        text = payload[pos + 1 : pos + 1 + length]
+        text_unit = (text if msb else text[::-1]).decode("latin-1")
         pos += 1 + length
     vifes = []
     extension = vif & 0x80
@@ -802,11 +881,13 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
         manufacturer = bytes(vifes)
         rest = []
     elif code in (0x7B, 0x7D):
+        table = FB_VIFES if code == 0x7B else FD_VIFES
+        if vifes and code == 0x7D and vifes[0] & 0x7F == 0x7D:  # FD FD: the second level
+            table, vifes = FD_FD_VIFES, vifes[1:]
         if vifes:
-            table = FB_VIFES if code == 0x7B else FD_VIFES
             spec = table.get(vifes[0] & 0x7F) or ("reserved", "", "number", 1, 1)
             rest = vifes[1:]
-        else:  # an extension VIF without its VIFE: nothing says what it is
+        else:  # an extension VIF(E) without its code: nothing says what it is
             spec = ("unknown", "", "number", 1, 1)
     else:
         spec = PRIMARY_VIFS[code]
@@ -815,6 +896,8 @@ def _parse_vib(payload: bytes, pos: int, end: int) -> tuple:
     vib.manufacturer_vife = manufacturer
     if rest:
         _apply_vifes(vib, rest)
+    if quantity in _RAW_QUANTITIES:  # no unit, so no VIFE can scale it: the raw value
+        vib.unit, vib.num, vib.den, vib.offset = "", 1, 1, None
     if vib.unit == "degF":  # converted to degC as the value is read
         vib.unit = "degC"
         vib.fahrenheit = True
@@ -861,8 +944,14 @@ _INTEGER_CODINGS = frozenset((1, 2, 3, 4, 6, 7))
 _FIXED_NUMBER_CODINGS = _INTEGER_CODINGS | {0x09, 0x0A, 0x0B, 0x0C, 0x0E}  # and BCD
 
 
-def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str) -> tuple:
-    """The data field at ``pos`` by the DIF's coding; returns (value, new position)."""
+def _read_data(
+    payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind: str, msb: bool = False
+) -> tuple:
+    """The data field at ``pos`` by the DIF's coding; returns (value, new position).
+
+    ``msb``: the field comes most significant byte first (CI 0x76); it is turned round
+    and read as the least-significant-first field of a CI 0x72 answer.
+    """
     length = _DATA_LENGTHS[coding]
     if coding == 0x0D:  # variable length: LVAR byte first
         if pos >= end:
@@ -888,6 +977,8 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
         if pos + length > end:
             raise FrameError(f"variable-length data of {length} bytes runs past the frame")
         data = payload[pos : pos + length]
+        if msb:
+            data = data[::-1]
         pos += length
         if how == "text":
             return data[::-1].decode("latin-1"), pos
@@ -900,6 +991,8 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
     if pos + length > end:
         raise FrameError(f"record data of {length} bytes runs past the frame at byte {pos}")
     data = payload[pos : pos + length]
+    if msb:
+        data = data[::-1]
     pos += length
     if length == 0:
         return None, pos
@@ -921,7 +1014,11 @@ def _read_data(payload: bytes, pos: int, end: int, coding: int, vib: _Vib, kind:
     return _number(int.from_bytes(data, "little", signed=True), vib), pos
 
 
-_RAW_QUANTITIES = frozenset(("manufacturer_specific", "unknown"))  # no unit: kept unscaled
+# Quantities whose scale nothing tells (a reserved code means nothing yet, Kq's scale is
+# disputed): the raw value, unscaled, whatever VIFEs follow.
+_RAW_QUANTITIES = frozenset(
+    ("manufacturer_specific", "unknown", "reserved", "thermal_output_rating_factor")
+)
 
 
 def _number(raw, vib: _Vib):
@@ -940,13 +1037,19 @@ _ONE_BYTE = tuple(bytes((i,)) for i in range(256))
 BIT_FIELD_REGISTERS = {"KAM": frozenset((b"\x22",))}
 
 
-def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = None) -> tuple:
-    """The data records of a variable data structure; returns (records, more_follow)."""
+def decode_records(
+    payload: bytes, start: int = 0, manufacturer: str | None = None, msb: bool = False
+) -> tuple:
+    """The data records of a variable data structure; returns (records, more_follow).
+
+    ``msb``: multi-byte fields come most significant byte first (CI 0x76).
+    """
     bit_fields = BIT_FIELD_REGISTERS.get(manufacturer or "", frozenset())
     records = []
     pos = start
     end = len(payload)
     more = False
+    order = "big" if msb else "little"
     while pos < end:
         dif = payload[pos]
         if dif == 0x2F:  # idle filler
@@ -990,16 +1093,17 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             n += 1
             extension = dife & 0x80
         dib = payload[dib_start:pos] if n else _ONE_BYTE[dif]
-        vib, pos = _read_vib(payload, pos, end)
+        vib, pos = _read_vib(payload, pos, end, msb)
         coding = dif & 0x0F
+        utc_offset = None
         if vib.scaled and coding in _FIXED_NUMBER_CODINGS:  # most records: a scaled number
             stop = pos + _DATA_LENGTHS[coding]
             if stop > end:
                 raise FrameError(f"record data runs past the frame at byte {pos}")
             if coding < 8:
-                raw = int.from_bytes(payload[pos:stop], "little", signed=True)
+                raw = int.from_bytes(payload[pos:stop], order, signed=True)
             else:
-                raw = _decode_bcd(payload[pos:stop])
+                raw = _decode_bcd(payload[pos:stop][::-1] if msb else payload[pos:stop])
             if raw is None:
                 value = None
             else:
@@ -1009,7 +1113,11 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
             kind = vib.kind
             if vib.manufacturer_vife in bit_fields and vib.quantity == "manufacturer_specific":
                 kind = "bits"
-            value, pos = _read_data(payload, pos, end, coding, vib, kind)
+            start_of_data = pos
+            value, pos = _read_data(payload, pos, end, coding, vib, kind, msb)
+            if kind == "datetime" and coding == 0x04 and value is not None:
+                hour_byte = payload[start_of_data + (2 if msb else 1)]  # type F: SU is bit 7
+                utc_offset = _utc_offset(value, bool(hour_byte & 0x80))
         records.append(
             Record(
                 storage,
@@ -1024,6 +1132,7 @@ def decode_records(payload: bytes, start: int = 0, manufacturer: str | None = No
                 vib.modifiers,
                 vib.manufacturer_vife,
                 vib.text_unit,
+                utc_offset,
             )  # fmt: skip
         )
     return records, more
@@ -1057,11 +1166,15 @@ _FIXED_UNITS: dict = {
 }  # fmt: skip
 
 
-def _decode_fixed(telegram: Telegram, data: bytes) -> None:
-    """CI 0x73: identification, access number, status, medium and units, two counters."""
+def _decode_fixed(telegram: Telegram, data: bytes, msb: bool = False) -> None:
+    """CI 0x73: identification, access number, status, medium and units, two counters.
+
+    ``msb``: CI 0x77, the same with the identification and counters most significant
+    byte first.
+    """
     if len(data) != 16:
         raise FrameError(f"fixed data structure of {len(data)} bytes, expected 16")
-    telegram.id = _bcd_id(data[0:4])
+    telegram.id = _bcd_id(data[3::-1] if msb else data[0:4])
     telegram.access_number = data[4]
     telegram.status = data[5]
     type1, type2 = data[6], data[7]
@@ -1070,6 +1183,8 @@ def _decode_fixed(telegram: Telegram, data: bytes) -> None:
     binary = telegram.status & 0x80
     units = []
     for type_byte, counter in ((type1, data[8:12]), (type2, data[12:16])):
+        if msb:
+            counter = counter[::-1]
         code = type_byte & 0x3F
         storage = 0
         if code == 0x3E:  # the same unit as counter 1, a historic value
@@ -1081,6 +1196,12 @@ def _decode_fixed(telegram: Telegram, data: bytes) -> None:
     telegram.records = units
 
 
+def _header_lsb_first(data: bytes) -> bytes:
+    """A CI 0x76 payload with its header's identification number, manufacturer and
+    signature turned round, as a CI 0x72 answer sends them (the records follow as sent)."""
+    return data[3::-1] + data[5:3:-1] + data[6:10] + data[11:9:-1] + data[12:]
+
+
 def decode_telegram(buf: bytes) -> Telegram:
     """A whole RSP_UD frame to a Telegram; FrameError (or ApplicationError) otherwise."""
     frame = parse_long_frame(bytes(buf))
@@ -1090,9 +1211,12 @@ def decode_telegram(buf: bytes) -> Telegram:
         code = data[0] if data else 0
         reason = APPLICATION_ERRORS.get(code, f"application error 0x{code:02X}")
         raise ApplicationError(f"meter reports an application error: {reason}")
-    if frame.ci == 0x72:
+    msb = frame.ci in (0x76, 0x77)  # EN 1434-3 "mode 2": multi-byte fields MSB first
+    if frame.ci == 0x72 or frame.ci == 0x76:
         if len(data) < 12:
             raise FrameError(f"header of {len(data)} bytes, expected 12")
+        if msb:
+            data = _header_lsb_first(data)
         telegram.id = _bcd_id(data[0:4])
         telegram.manufacturer = _manufacturer_code(data[4] | data[5] << 8)
         telegram.version = data[6]
@@ -1110,13 +1234,13 @@ def decode_telegram(buf: bytes) -> Telegram:
         start = 4
     elif frame.ci == 0x78:
         start = 0
-    elif frame.ci == 0x73:
-        _decode_fixed(telegram, data)
+    elif frame.ci == 0x73 or frame.ci == 0x77:
+        _decode_fixed(telegram, data, msb)
         return telegram
     else:
         raise FrameError(f"CI field 0x{frame.ci:02X} is not a data answer")
     telegram.records, telegram.more_records_follow = decode_records(
-        data, start, telegram.manufacturer
+        data, start, telegram.manufacturer, msb
     )
     return telegram
 
@@ -1163,7 +1287,7 @@ PORT_ERRORS = (OSError, _TermiosError)  # pyserial's SerialException is an OSErr
 
 BYTE_BITS = 11  # 8E1: start, 8 data, parity, stop
 MAX_TELEGRAMS = 16  # "more records follow" is followed at most this often
-READ_SLICE = 0.05  # seconds a single port read may block; the deadline is ours
+READ_SLICE = 0.005  # seconds a single port read may block; the deadline is ours
 STALL = 0.2  # seconds an answer that has begun may pause on top of its bytes' wire time
 LONGEST_ANSWER = 261  # bytes: 68 L L 68, 255 bytes of body, CS 16
 
@@ -1208,6 +1332,7 @@ class Bus:
     def __init__(self, port, *, baudrate=2400, timeout=1.0, retries=2, pause=0.1, log=None):
         self.port = port
         self.baudrate = baudrate
+        self.asked = timeout  # what the user asked for; the standard's limit may be more
         # Never less than the standard lets a slave take: an answer that came after we
         # gave up would pass for the answer to the next request (another address's E5).
         self.timeout = max(timeout, slowest_answer(baudrate))
@@ -1216,7 +1341,22 @@ class Bus:
         self.log = log
         self.clock = time.monotonic
         self._deadline = 0.0  # the answer to the last request must have begun by then
-        self._last = 0.0  # when the last byte came
+        self.last_byte = 0.0  # when the last byte came
+        self.sent_at = 0.0  # when the last request had left
+        self.heard = 0  # bytes received so far: more after a failure means garbled, not silent
+        self.on_answer = None  # called with (address, frame, baudrate) for every answer accepted
+        try:  # a real port's fd: the last wait before a deadline is a select(), to the ms
+            self._fd = port.fileno()
+        except (AttributeError, OSError, ValueError, TypeError):
+            self._fd = None
+
+    def set_baudrate(self, baudrate: int) -> None:
+        """Talk at another rate from now on (only a change reconfigures the port: a pty
+        refuses a configuration that changes nothing it keeps)."""
+        if baudrate != self.baudrate:
+            self._io("setting the baud rate", setattr, self.port, "baudrate", baudrate)
+            self.baudrate = baudrate
+            self.timeout = max(self.asked, slowest_answer(baudrate))
 
     # -- raw I/O ---------------------------------------------------------
 
@@ -1242,8 +1382,9 @@ class Bus:
         # The slave's time starts once the request has left; its answer's first byte is
         # in once its own 11 bits are.  (flush() waits for the wire on a real UART, not
         # on a pty or a USB adapter: counting the request again costs a few ms at most.)
-        wire = wire_seconds(len(frame) + 1, self.baudrate)
-        self._deadline = self.clock() + wire + (self.timeout if timeout is None else timeout)
+        self.sent_at = self.clock() + wire_seconds(len(frame), self.baudrate)
+        window = self.timeout if timeout is None else timeout
+        self._deadline = self.sent_at + wire_seconds(1, self.baudrate) + window
 
     def _fill(self, buf: bytearray, n: int) -> bool:
         """Read until ``buf`` holds ``n`` bytes; False when they do not come in time."""
@@ -1251,13 +1392,14 @@ class Bus:
             limit = self._deadline
             if buf:  # the answer has begun: the rest gets its time from the last byte
                 rest = wire_seconds(n - len(buf), self.baudrate)
-                limit = max(limit, self._last + STALL + 2 * rest)
+                limit = max(limit, self.last_byte + STALL + 2 * rest)
             if self.clock() >= limit:
                 return False
-            chunk = self._io("reading", self.port.read, n - len(buf))
+            chunk = self._read(n - len(buf), limit)
             if chunk:
                 buf += chunk
-                self._last = self.clock()
+                self.heard += len(chunk)
+                self.last_byte = self.clock()
         return True
 
     def _answer(self, request: bytes, want_frame: bool) -> bytes:
@@ -1266,14 +1408,19 @@ class Bus:
         Skips line noise before the start byte and an echo of the request.
         """
         buf = bytearray()
+        skipped = 0
         try:
             while True:
                 if not self._fill(buf, 1):
+                    if skipped:
+                        raise BusError(f"garbled answer: {skipped} bytes and no frame "
+                                       "(several meters at once, or noise)")  # fmt: skip
                     raise BusError(_silence(self.timeout))
                 first = buf[0]
                 if first == request[0]:  # perhaps our own request, echoed by the adapter
                     if self._fill(buf, len(request)) and buf[: len(request)] == request:
                         self._trace("echo", buf[: len(request)])
+                        self.heard -= len(request)
                         del buf[: len(request)]
                         continue
                 if first == ACK and not want_frame:
@@ -1292,18 +1439,33 @@ class Bus:
                         self._trace("<", buf[:length])
                         return bytes(buf[:length])
                 self._trace("noise", buf[:1])
+                skipped += 1
                 del buf[0]
         except BusError:
             if buf:
                 self._trace("<", buf)
             raise
 
-    def _quiet(self) -> None:
-        """Wait until the line has been quiet for ``pause`` (and a few bytes' time).
+    def _read(self, n: int, limit: float) -> bytes:
+        """At most ``n`` bytes, back by ``limit``: a pyserial read blocks a whole READ_SLICE
+        when nothing comes, so the last wait before a deadline is a select() on the fd."""
+        remaining = limit - self.clock()
+        if remaining < READ_SLICE and self._fd is not None:
+            import select
 
-        Whatever comes meanwhile (the rest of a cut-off answer, a late one) is dropped.
-        A line that never stops talking is given up on after the longest answer's time.
-        """
+            try:
+                ready = remaining > 0 and select.select([self._fd], [], [], remaining)[0]
+            except (OSError, ValueError) as exc:
+                raise PortError(f"port failed while reading: {_reason(exc)}") from None
+            if not ready:
+                return b""
+        return self._io("reading", self.port.read, n)
+
+    def quiet(self) -> int:
+        """Wait until the line has been quiet for ``pause`` (and a few bytes' time);
+        returns how many bytes came meanwhile (the rest of a cut-off answer, a late one),
+        which are dropped.  A line that never stops is given up on after the longest
+        answer's time."""
         quiet = max(self.pause, wire_seconds(4, self.baudrate))
         start = last = self.clock()
         give_up = start + quiet + 2 * wire_seconds(LONGEST_ANSWER, self.baudrate) + STALL
@@ -1312,12 +1474,30 @@ class Bus:
             now = self.clock()
             if now - last >= quiet or now >= give_up:
                 break
-            chunk = self._io("reading", self.port.read, LONGEST_ANSWER)
+            chunk = self._read(LONGEST_ANSWER, min(last + quiet, give_up))
             if chunk:
                 dropped += chunk
                 last = self.clock()
         if dropped:
             self._trace("late", dropped)
+        return len(dropped)
+
+    def listen(self, until: float) -> float | None:
+        """Read until ``until``; when the first byte came, or None (what came is dropped)."""
+        first = None
+        while self.clock() < until:
+            chunk = self._read(LONGEST_ANSWER, until)
+            if chunk:
+                self._trace("late", chunk)
+                first = self.clock() if first is None else first
+        return first
+
+    def pending(self) -> int:
+        """Bytes that have come since the last answer was taken (a late answer)."""
+        waiting = getattr(self.port, "in_waiting", None)
+        if waiting is None:
+            return 0
+        return self._io("reading", getattr, self.port, "in_waiting")
 
     def _trace(self, what: str, data) -> None:
         if self.log:
@@ -1330,7 +1510,7 @@ class Bus:
         reason = ""
         for attempt in range(1 + self.retries):
             if attempt:
-                self._quiet()
+                self.quiet()
             try:
                 return action()
             except PortError:  # the port itself: asking again will not help
@@ -1365,17 +1545,39 @@ class Bus:
     def read(self, address: int | str) -> Telegram:
         """Read one meter: a primary address (0-250, 254) or an 8-digit secondary address.
 
+        A meter read by secondary address is deselected afterwards (SND_NKE to 253), so
+        that none stays selected.  At 254, answers that collide (several meters answer
+        at once) are a failed read that says so, never one meter's reading.
+        """
+        if isinstance(address, str):
+            self._deselect()
+            self._ack(select_secondary(address), f"selecting secondary address {address}")
+            try:
+                return self.read_data(ADDRESS_SECONDARY, secondary=address)
+            finally:
+                self._deselect()
+        if address != ADDRESS_ANY:
+            self._ack(snd_nke(address), "SND_NKE")
+            return self.read_data(address)
+        try:
+            self._ack(snd_nke(address), "SND_NKE")
+            return self.read_data(address)
+        except BusError as exc:  # garbled on the last try: answers that collide
+            if (
+                isinstance(exc, PortError)
+                or "garbled" not in str(exc)
+                and "checksum" not in str(exc)
+            ):
+                raise
+            raise BusError(f"{SEVERAL_AT_254} ({exc})") from None
+
+    def read_data(self, target: int, secondary: str | None = None) -> Telegram:
+        """REQ_UD2 to ``target`` until the meter has said all (SND_NKE or a selection first).
+
         "More records follow" is followed with the FCB toggled, a retry keeps the FCB (so
         the meter sends the same telegram again); a meter that answers a toggled FCB
         with the telegram it sent before, or that never stops, is a failed read.
         """
-        if isinstance(address, str):
-            target = ADDRESS_SECONDARY
-            self._deselect()
-            self._ack(select_secondary(address), f"selecting secondary address {address}")
-        else:
-            target = address
-            self._ack(snd_nke(address), "SND_NKE")
         telegrams: list = []
         fcb = True  # after SND_NKE the first REQ_UD2 carries FCB=1
         while True:
@@ -1383,11 +1585,14 @@ class Bus:
 
             def once(request=request):
                 self._send(request)
-                telegram = decode_telegram(self._answer(request, want_frame=True))
+                frame = self._answer(request, want_frame=True)
+                telegram = decode_telegram(frame)
                 if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and telegram.address != target:
                     raise BusError(f"answer from address {telegram.address}, not {target}")
-                if isinstance(address, str) and telegram.id != address:
-                    raise BusError(f"answer from meter {telegram.id}, not {address}")
+                if secondary is not None and telegram.id != secondary:
+                    raise BusError(f"answer from meter {telegram.id}, not {secondary}")
+                if self.on_answer is not None:
+                    self.on_answer(secondary or target, frame, self.baudrate)
                 return telegram
 
             telegram = self._attempts("REQ_UD2", once)
@@ -1405,17 +1610,203 @@ class Bus:
                 )
             fcb = not fcb
 
-    def ping(self, address: int) -> bool:
-        """Whether a meter at this primary address answers SND_NKE (one try: for --scan)."""
-        frame = snd_nke(address)
-        self._send(frame)
+    # -- probes, for the scans -----------------------------------------------
+
+    def _probe(self, frame: bytes, window: float | None) -> str:
+        """One request, one try: "ack" (a clean E5), "garbled" (bytes, but no E5: several
+        answered out of step) or "silent"."""
+        heard = self.heard
+        self._send(frame, timeout=window)
         try:
             self._answer(frame, want_frame=False)
         except PortError:
             raise
         except BusError:
-            return False
-        return True
+            return "garbled" if self.heard > heard else "silent"
+        return "ack"
+
+    def probe(self, address: int, window: float | None = None) -> str:
+        """SND_NKE to a primary address, one try (see _probe)."""
+        return self._probe(snd_nke(address), window)
+
+    def select(self, mask: str) -> str:
+        """Select by secondary address ``mask`` (8 digits, F for any) with any manufacturer,
+        version and medium; one try (see _probe)."""
+        return self._probe(select_secondary(mask), None)
+
+    def ping(self, address: int) -> bool:
+        """Whether a meter at this primary address answers SND_NKE (one try)."""
+        return self.probe(address) == "ack"
+
+
+SEVERAL_AT_254 = "several meters answered at 254: give each its --address, see --scan"
+
+
+class Found(_Plain):
+    """A meter a scan found: its reading, and the rate it answered at."""
+
+    __slots__ = ("telegram", "baudrate")
+
+    def __init__(self, telegram: Telegram, baudrate: int):
+        self.telegram = telegram
+        self.baudrate = baudrate
+
+
+PRIMARY_ADDRESSES = range(251)
+LATE_WINDOW = 1.0  # seconds a re-probe waits for a meter that answered after the window
+
+
+def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None) -> list:
+    """Probe each primary address with SND_NKE (one try, the standard's window) and
+    confirm each answer on a quiet line with a REQ_UD2 whose answer carries the address.
+
+    A byte that comes after its probe's window (waiting before the next probe, or an E5
+    whose REQ_UD2 stays unanswered) is never credited to a later address: the addresses
+    probed just before are probed again with a longer window, nearest first.  A
+    collision (several meters at one address: garbage where a frame should be) is
+    reported through ``note``, never as a meter.
+    """
+    note = note or (lambda text: None)
+    found: dict = {}  # address -> Found
+    probed: list = []  # (address, when its probe was sent), in order
+    for done, address in enumerate(addresses, 1):
+        if bus.pending():  # came after the previous probe's window
+            _find_late(bus, probed, found, note, bus.clock())
+        result = bus.probe(address)
+        probed.append((address, bus.sent_at))
+        if result != "silent":
+            came = bus.last_byte  # when what answered came: a late answer's probe was before
+            outcome, late = _confirm(bus, address)
+            if isinstance(outcome, Telegram):
+                found[address] = Found(outcome, bus.baudrate)
+            elif outcome == "collision":
+                note(f"address {address}: {COLLISION}")
+            if outcome == "silent" or (late and outcome != "collision"):  # a late answer
+                _find_late(bus, probed[:-1], found, note, came, also=address)
+        if progress:
+            progress(done, len(found))
+    if probed:  # a late answer to the last probes comes after them
+        came = bus.listen(probed[-1][1] + LATE_WINDOW)
+        if came is not None:
+            _find_late(bus, probed, found, note, came)
+    return [found[address] for address in sorted(found)]
+
+
+COLLISION = (
+    "several meters answered at once (a collision): give them addresses of their own, "
+    "or find them with --scan-secondary"
+)
+
+
+def _confirm(bus: Bus, address: int) -> tuple:
+    """After an E5 (or garbage) at ``address``: (its reading, "collision" or "silent",
+    and how many bytes came after the E5 before the line was quiet)."""
+    late = bus.quiet()  # the rest of what answered must be over first
+    heard = bus.heard
+    try:
+        return bus.read_data(address), late
+    except PortError:
+        raise
+    except BusError:
+        garbled = bus.heard > heard
+        bus.quiet()  # the rest of colliding answers is no late answer to the next probe
+        return ("collision" if garbled else "silent"), late
+
+
+def _find_late(bus: Bus, probed: list, found: dict, note, came: float, also=None) -> None:
+    """Something answered at ``came``, after its probe's window: probe again, nearest
+    first, the addresses probed within LATE_WINDOW before, with that window, and stop at
+    the first that answers."""
+    bus.quiet()
+    recent = [a for a, sent in reversed(probed) if came - LATE_WINDOW <= sent <= came]
+    candidates = ([also] if also is not None else []) + recent
+    for address in candidates:
+        if address in found:
+            continue
+        if bus.probe(address, window=LATE_WINDOW) != "ack":
+            continue
+        delay = bus.last_byte - bus.sent_at
+        saved, bus.timeout = bus.timeout, max(bus.timeout, LATE_WINDOW)
+        try:
+            outcome, _ = _confirm(bus, address)
+        finally:
+            bus.timeout = saved
+        if isinstance(outcome, Telegram):
+            found[address] = Found(outcome, bus.baudrate)
+            enough = math.ceil(delay * 10 + 1) / 10  # the delay and 0.1 s to spare
+            note(f"address {address} answered {delay:.2f} s after the request, after the "
+                 f"{bus.timeout:.3g} s window: try --timeout {enough:g}")  # fmt: skip
+            return
+    note("a meter answered after the window and could not be found again: try --timeout 1")
+
+
+def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
+    """Every meter by identification number: EN 13757-3's wildcard search.
+
+    Select with the digits fixed so far and F for the rest (manufacturer, version and
+    medium FF): silence, none there; an E5 whose REQ_UD2 to 253 brings one clean frame,
+    one meter; garbage (or an E5 whose REQ_UD2 brings garbage), a collision: fix the next
+    digit and go deeper.  Deselects at the end.  Returns (found, number of probes).
+    """
+    note = note or (lambda text: None)
+    found: list = []
+    probes = [0]
+
+    def probe(mask: str):
+        probes[0] += 1
+        result = bus.select(mask)
+        if result == "silent":
+            return None
+        if result == "ack":
+            heard = bus.heard
+            try:
+                telegram = bus.read_data(ADDRESS_SECONDARY)
+            except PortError:
+                raise
+            except BusError:
+                if bus.heard == heard:
+                    return None
+            else:
+                if all(m in ("F", d) for m, d in zip(mask, telegram.id or "")):
+                    return telegram
+        bus.quiet()
+        return "collision"
+
+    def search(prefix: str) -> None:
+        for digit in "0123456789":
+            mask = (prefix + digit).ljust(8, "F")
+            outcome = probe(mask)
+            if isinstance(outcome, Telegram):
+                found.append(Found(outcome, bus.baudrate))
+            elif outcome == "collision":
+                if len(prefix) == 7:
+                    note(f"several meters share the id {mask}: tell them apart by primary "
+                         "address (--scan)")  # fmt: skip
+                else:
+                    search(prefix + digit)
+            if progress:
+                progress(probes[0], len(found))
+
+    try:
+        outcome = probe("FFFFFFFF")
+        if isinstance(outcome, Telegram):
+            found.append(Found(outcome, bus.baudrate))
+        elif outcome == "collision":
+            search("")
+    finally:
+        bus._deselect()
+    return found, probes[0]
+
+
+def rates_in_use(bus: Bus, rates) -> list:
+    """The rates at which something answers SND_NKE to 254 (cleanly or garbled)."""
+    using = []
+    for rate in rates:
+        bus.set_baudrate(rate)
+        if bus.probe(ADDRESS_ANY) != "silent":
+            using.append(rate)
+        bus.quiet()
+    return using
 
 
 def _same_reading(a: Telegram, b: Telegram) -> bool:
@@ -1587,6 +1978,8 @@ QUANTITY_NAMES = {
     "mass": ("mass_kilograms", True, ()),
     "on_time": ("on_time_seconds", True, ()),
     "operating_time": ("operating_time_seconds", True, ()),
+    "reactive_energy": ("reactive_energy_var_hours", True, ()),
+    "apparent_energy": ("apparent_energy_volt_ampere_hours", True, ()),
     "power": ("power_watts", False, ()),
     "volume_flow": ("volume_flow_cubic_meters_per_second", False, ()),
     "mass_flow": ("mass_flow_kilograms_per_second", False, ()),
@@ -1616,6 +2009,10 @@ UNIT_SUFFIXES = {
     "V": "volts",
     "A": "amperes",
     "percent": "percent",
+    "var": "vars",
+    "VA": "volt_amperes",
+    "Hz": "hertz",
+    "deg": "degrees",
 }
 
 FUNCTION_PREFIXES = {"instantaneous": "", "maximum": "max_", "minimum": "min_", "error": "error_"}
@@ -1643,9 +2040,11 @@ HELP = {
     "e8_cubic_meters_celsius_total": "Kamstrup E8: volume times flow temperature t1.",
     "e9_cubic_meters_celsius_total": "Kamstrup E9: volume times return temperature t2.",
     "error_flags": "Error flags of the meter (bit field, FD 17).",
-    "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone.",
+    "clock_timestamp_seconds": "The meter's clock, its local time read as this host's time zone "
+    "(its summer-time bit decides the autumn's repeated hour).",
     "register_date_timestamp_seconds": "Stored date (e.g. the target date), local midnight.",
     "manufacturer_register": "A manufacturer-specific register, raw value.",
+    "reserved_register": "A record whose VIF code EN 13757-3 still reserves, raw value.",
 }
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -1659,12 +2058,12 @@ IDENTIFIERS = (
 )  # fmt: skip
 SECRETS = frozenset(
     ("access_code_user", "access_code_operator", "access_code_system_operator",
-     "access_code_developer", "password")
+     "access_code_developer", "password", "security_key")
 )  # fmt: skip
 
 RESERVED_LABELS = frozenset(
     ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
-     "manufacturer", "version", "medium", "vife", "record", "unit", *IDENTIFIERS)
+     "manufacturer", "version", "medium", "vife", "vib", "record", "unit", *IDENTIFIERS)
 )  # fmt: skip
 
 
@@ -1672,11 +2071,14 @@ def _metric_part(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]+", "_", text).strip("_").lower()
 
 
-def _local_timestamp(text: str) -> float | None:
-    """Seconds since the epoch of a meter's local date or date-time, in this host's zone."""
+def _local_timestamp(text: str, utc_offset: str | None = None) -> float | None:
+    """Seconds since the epoch of a meter's local date or date-time, in this host's zone
+    (at ``utc_offset`` when the meter's SU bit placed it)."""
     import datetime as dt
 
     try:
+        if utc_offset:
+            return dt.datetime.fromisoformat(text + utc_offset).timestamp()
         if "T" in text:
             value = dt.datetime.fromisoformat(text)
         else:
@@ -1702,7 +2104,7 @@ def record_series(telegram: Telegram, record: Record):
     if quantity in ("date", "datetime"):
         if not isinstance(value, str):
             return None
-        value = _local_timestamp(value)
+        value = _local_timestamp(value, record.utc_offset)
         if value is None:
             return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -1714,6 +2116,10 @@ def record_series(telegram: Telegram, record: Record):
         else:
             base = "manufacturer_register"
             labels = (("register", record.manufacturer_vife.hex() or "none"),)
+    elif quantity == "reserved":  # a code with no meaning yet: the raw value, by its VIB
+        base = "reserved_register"
+        labels = (("vib", record.vib.hex()),)
+        named.update(record.modifiers)  # the VIB label already says them
     elif quantity in QUANTITY_NAMES:
         base, counter, labels = QUANTITY_NAMES[quantity]
         if quantity == "energy" and (
@@ -1990,13 +2396,30 @@ def _unescape_label(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
 
 
+_PREVIOUS_LIMIT = 16 << 20  # bytes of the previous file read for its last-success times
+
+
 def previous_last_success(path: str) -> dict:
-    """The last-success times kept in the previous file, so they survive failed runs."""
+    """The last-success times kept in the previous file, so they survive failed runs.
+
+    Only a regular file is read (a fifo would block, /dev/zero never end), and only as
+    much of it as a .prom file of ours can be.
+    """
+    import stat
+
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            text = f.read(_PREVIOUS_LIMIT).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return {}
+    finally:
+        os.close(fd)
     out = {}
     for labels, value in _LAST_SUCCESS.findall(text):
         pairs = dict(_LABEL_PAIR.findall(labels))
@@ -2037,7 +2460,8 @@ def telegram_json(telegram: Telegram) -> str:
     parts = []
     for record in telegram.records:
         # DIB and VIB fix every field but the value (the fixed structure has neither)
-        shape = (record.dib, record.vib, record.storage, record.quantity, record.unit)
+        shape = (record.dib, record.vib, record.storage, record.quantity, record.unit,
+                 record.utc_offset)  # fmt: skip
         template = _RECORD_JSON.get(shape)
         if template is None:
             fields = record.to_json()
@@ -2171,7 +2595,7 @@ def _pid_alive(pid: int) -> bool:
 
 import click  # noqa: E402  (kept here: the layers above do not need it)
 
-PROG = "kamstrup_textfile"
+PROG = "kamstrup-textfile"  # the name when click cannot tell how we were invoked
 DEFAULT_OUTPUT = "/var/lib/prometheus/node-exporter/kamstrup.prom"
 
 
@@ -2197,6 +2621,25 @@ class AddressType(click.ParamType):
             param,
             ctx,
         )
+
+
+AUTO_RATES = (2400, 9600, 300)  # --baudrate auto tries these, in this order
+
+
+class BaudrateType(click.ParamType):
+    """A baud rate 300-38400, or "auto" (try 2400, 9600 and 300)."""
+
+    name = "rate|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == "auto":
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and 300 <= int(text) <= 38400:
+            return int(text)
+        self.fail(f"{value!r} is not a baud rate from 300 to 38400, nor auto", param, ctx)
 
 
 class LabelType(click.ParamType):
@@ -2245,17 +2688,26 @@ def _stdout(text: str) -> None:
         raise OutputError(f"cannot write to standard output: {_reason(exc)}") from None
 
 
+def _prog() -> str:
+    """The command's name as it was invoked (kamstrup-textfile, kamstrup_textfile.py)."""
+    ctx = click.get_current_context(silent=True)
+    return (ctx.find_root().info_name if ctx else None) or PROG
+
+
 def _fail(message: str) -> None:
-    click.echo(f"{PROG}: {message}", err=True)
+    click.echo(f"{_prog()}: {message}", err=True)
 
 
-def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list:
-    """Read every address in turn, one Reading each.
+def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answer=None) -> list:
+    """Read every address in turn, one Reading each (``on_answer``: see Bus.on_answer).
 
     A port that fails (an adapter unplugged or reset) fails the meter being read; it
     is opened anew for the next one, and when that fails too, the meters left get that
     error.  A meter that stays silent while another program has the port open is told so.
+    With ``baudrate`` "auto" each meter is read at the first rate it answers at (the
+    rate the meter before answered at first).
     """
+    rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
     readings = []
     bus = None
     port_error = None
@@ -2263,23 +2715,23 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list
         start = time.monotonic()
         if bus is None and port_error is None:
             try:
-                port = open_port(url, baudrate)
+                port = open_port(url, rates[0])
             except BusError as exc:
                 port_error = str(exc)
             else:
-                bus = Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
+                bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
+                bus.on_answer = on_answer
         if port_error is not None:
             readings.append(Reading(address, error=port_error, port=True))
             continue
         try:
-            telegram = bus.read(address)
+            telegram = _read_at_some_rate(bus, address, rates, log)
             readings.append(Reading(address, telegram, duration=time.monotonic() - start))
         except BusError as exc:
-            error = str(exc)
             if isinstance(exc, PortError):
                 _close(bus.port)
                 bus = None
-            readings.append(Reading(address, error=error, duration=time.monotonic() - start))
+            readings.append(Reading(address, error=str(exc), duration=time.monotonic() - start))
     if bus is not None:
         _close(bus.port)
     if any(r.error and not r.port for r in readings):
@@ -2291,6 +2743,27 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log) -> list
     return readings
 
 
+def _read_at_some_rate(bus: Bus, address, rates: list, log) -> Telegram:
+    """Read at the bus's rate, then at the others while the meter stays silent."""
+    order = [bus.baudrate] + [rate for rate in rates if rate != bus.baudrate]
+    for rate in order:
+        bus.set_baudrate(rate)
+        heard = bus.heard
+        try:
+            telegram = bus.read(address)
+        except BusError as exc:
+            if len(order) == 1 or bus.heard > heard or isinstance(exc, PortError):
+                raise
+            if rate == order[-1]:
+                rates_text = ", ".join(str(r) for r in order)
+                raise BusError(f"no answer at {rates_text} baud: {exc}") from None
+            continue
+        if log and len(rates) > 1:
+            log(f"address {address}: answered at {rate} baud")
+        return telegram
+    raise AssertionError("unreachable")
+
+
 def _close(port) -> None:
     try:
         port.close()
@@ -2298,14 +2771,58 @@ def _close(port) -> None:
         pass  # a port that went away cannot be closed any better
 
 
-@click.command(context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100})
+class _Command(click.Command):
+    """click's command, with a usage error on one line ("PROG: Invalid value for ...
+    (see PROG --help)") and output that cannot be written said once, not as a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **kw):
+        name = prog_name or os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else PROG)
+        try:
+            status = super().main(args, name, complete_var, standalone_mode=False, **kw)
+        except click.UsageError as exc:
+            click.echo(f"{name}: {_one_line(exc.format_message())} (see {name} --help)",
+                       err=True)  # fmt: skip
+            sys.exit(2)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except OSError as exc:  # --help or --version into a full disk or a closed pipe
+            try:
+                _stdout("")
+            except OutputError:
+                pass
+            click.echo(f"{name}: cannot write to standard output: {_reason(exc)}", err=True)
+            sys.exit(1)
+        sys.exit(status or 0)
+
+
+@click.command(
+    "kamstrup-textfile",
+    cls=_Command,
+    context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100},
+    epilog="""\b
+Examples:
+  kamstrup-textfile --port /dev/ttyUSB0 --baudrate auto --scan   # find the meters
+  kamstrup-textfile --address 48 --once --output - -v            # one read, frames on stderr
+  kamstrup-textfile --decode capture.hex --format json           # decode saved frames""",
+)
 @click.option(
     "--port",
     default="/dev/ttymeterBus",
     show_default=True,
     help="Serial device or pyserial URL (socket://host:port, rfc2217://...).",
 )
-@click.option("--baudrate", type=click.IntRange(300, 38400), default=2400, show_default=True)
+@click.option(
+    "--baudrate",
+    type=BaudrateType(),
+    default=2400,
+    show_default=True,
+    help="300-38400, or auto: try 2400, 9600 and 300 (with --once, each meter at the first "
+    "rate it answers at; with the scans, every rate where something answers).",
+)
 @click.option(
     "--address",
     "addresses",
@@ -2318,11 +2835,18 @@ def _close(port) -> None:
 @click.option(
     "--timeout",
     type=click.FloatRange(0.05, 60),
-    default=1.0,
-    show_default=True,
-    help="Seconds a meter may take to start its answer (never less than 330 bit times + 50 ms).",
+    default=None,
+    help="Seconds a meter may take to start its answer; never less than EN 13757-2's 330 "
+    "bit times + 50 ms (187.5 ms at 2400 baud).  [default: 1 with --once; that limit "
+    "with --scan and --scan-secondary]",
 )
-@click.option("--retries", type=click.IntRange(0, 10), default=2, show_default=True)
+@click.option(
+    "--retries",
+    type=click.IntRange(0, 10),
+    default=2,
+    show_default=True,
+    help="Further tries of a request that got no answer or a garbled one, on a quiet line.",
+)
 @click.option(
     "--output",
     default=None,
@@ -2336,6 +2860,7 @@ def _close(port) -> None:
     type=click.Choice(["prom", "json"]),
     default="prom",
     show_default=True,
+    help="prom: node_exporter's text format; json: every record decoded.",
 )
 @click.option(
     "--label",
@@ -2353,22 +2878,50 @@ def _close(port) -> None:
     default=None,
     help="Decode hex frames from FILE (- for stdin) instead of reading the bus.",
 )
-@click.option("--scan", is_flag=True, help="Probe primary addresses 0-250 and list the meters.")
+@click.option(
+    "--capture",
+    "capture_file",
+    envvar="KAMSTRUP_CAPTURE",
+    default=None,
+    metavar="FILE",
+    help="With --once: append every answer to FILE as hex, each after a # line saying when, "
+    "port, address and baud rate; --decode FILE reads it back.",
+)
+@click.option(
+    "--scan",
+    is_flag=True,
+    help="Probe primary addresses 0-250 and list the meters that answer.",
+)
+@click.option(
+    "--scan-secondary",
+    is_flag=True,
+    help="Find every meter by identification number (EN 13757-3 wildcard search): also "
+    "meters that share a primary address.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
-@click.version_option(__version__, prog_name=PROG)
+@click.version_option(__version__)
 def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, decode_file,
-        scan, verbose):  # fmt: skip
+        capture_file, scan, scan_secondary, verbose):  # fmt: skip
     """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
+
+    Give one of --once (read the meters, write the file: what the timer runs),
+    --scan or --scan-secondary (find the meters on a bus), or --decode FILE.
 
     Every option can also be set as KAMSTRUP_<OPTION> in the environment
     (KAMSTRUP_PORT, KAMSTRUP_ADDRESS="48 133", KAMSTRUP_LABEL="location=cellar").
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
-    modes = [name for name, on in (("--once", once), ("--decode", decode_file), ("--scan", scan))
-             if on]  # fmt: skip
+    modes = [
+        name
+        for name, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
+                         ("--scan-secondary", scan_secondary))
+        if on
+    ]  # fmt: skip
     if len(modes) != 1:
         what = "nothing to do" if not modes else f"{' and '.join(modes)} exclude each other"
-        raise click.UsageError(f"{what}: give one of --once, --decode FILE or --scan")
+        raise click.UsageError(
+            f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE"
+        )
     names = [name for name, _ in labels]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
@@ -2376,7 +2929,10 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     log = (lambda line: click.echo(line, err=True)) if verbose else None
     if output is None:  # a decoded capture never replaces the live file unless asked to
         output = "-" if decode_file is not None else DEFAULT_OUTPUT
+    if capture_file is not None:
+        _check_capture(capture_file, once, output)
     addresses = list(dict.fromkeys(addresses)) or [ADDRESS_ANY]
+    capture = None
 
     if decode_file is not None:
         try:
@@ -2391,11 +2947,16 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
             _fail(f"{getattr(decode_file, 'name', '-')}: not hex text")
             sys.exit(1)
         _report(readings)
-    elif scan:
-        sys.exit(_scan(port, baudrate, timeout, retries, log))
+    elif scan or scan_secondary:
+        sys.exit(_scan(port, baudrate, timeout or 0.0, retries, log, secondary=scan_secondary))
     else:
-        readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout,
-                               retries=retries, log=log)  # fmt: skip
+        capture = _Capture(capture_file, port) if capture_file else None
+        try:
+            readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout or 1.0,
+                                   retries=retries, log=log, on_answer=capture)  # fmt: skip
+        finally:
+            if capture is not None:
+                capture.close()
         _report(readings)
 
     if fmt == "json":
@@ -2408,7 +2969,66 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     except OutputError as exc:
         _fail(str(exc))
         sys.exit(1)
-    sys.exit(1 if any(r.error for r in readings) else 0)
+    failed = any(r.error for r in readings) or (capture is not None and capture.failed)
+    sys.exit(1 if failed else 0)
+
+
+def _check_capture(path: str, once: bool, output: str) -> None:
+    """--capture is for a live read, into a file of its own that node_exporter ignores."""
+    if not once:
+        raise click.UsageError("--capture records the answers of a live read: use it with --once")
+    if path == "-":
+        raise click.UsageError("--capture needs a file, not -")
+    if path.endswith(".prom"):
+        raise click.UsageError(f"--capture {path}: node_exporter would read a .prom file")
+    if output != "-" and os.path.realpath(path) == os.path.realpath(output):
+        raise click.UsageError(f"--capture {path} is the --output file")
+
+
+class _Capture:
+    """--capture FILE: each answer appended as hex after a comment line.  Writing is
+    best effort: the first failure is one line on stderr, the read goes on without it."""
+
+    def __init__(self, path: str, port: str):
+        self.path = path
+        self.port = port
+        self.failed = False
+        try:
+            self.file = open(path, "a", encoding="ascii")
+        except OSError as exc:
+            self.file = None
+            self._failure(exc)
+
+    def __call__(self, address, frame: bytes, baudrate: int) -> None:
+        if self.file is None:
+            return
+        import datetime as dt
+
+        when = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        header = f"# {when} port {self.port} address {address} baudrate {baudrate}"
+        try:
+            self.file.write(f"{header}\n{frame.hex(' ').upper()}\n")
+            self.file.flush()  # each answer on disk as it comes: a killed run keeps them
+        except OSError as exc:
+            self._failure(exc)
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError as exc:
+                self._failure(exc)
+
+    def _failure(self, exc: OSError) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the same failure again: reported once below
+            self.file = None
+        if not self.failed:
+            self.failed = True
+            _fail(f"capture {self.path}: {exc.strerror or exc}; the read goes on without it")
 
 
 def _report(readings: Sequence[Reading]) -> None:
@@ -2433,45 +3053,104 @@ def _report(readings: Sequence[Reading]) -> None:
                   "address too; its readings are written once")  # fmt: skip
 
 
-def _scan(port, baudrate, timeout, retries, log) -> int:
+def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
+    """--scan and --scan-secondary: one line per meter on stdout, then the settings for
+    /etc/default/kamstrup; collisions, late answers and progress on stderr."""
+    rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
     try:
-        serial_port = open_port(port, baudrate)
+        port = open_port(url, rates[0])
     except BusError as exc:
         _fail(str(exc))
         return 1
-    found = []
+    notes: list = []
+    found: list = []
     try:
-        bus = Bus(serial_port, baudrate=baudrate, timeout=timeout, retries=retries, log=log)
-        with click.progressbar(range(251), label="Scanning", file=sys.stderr) as addresses:
-            for address in addresses:
-                if not bus.ping(address):
-                    continue
-                try:
-                    found.append(bus.read(address))
-                except PortError:
-                    raise
-                except BusError as exc:
-                    _fail(f"address {address} answered SND_NKE but not REQ_UD2: {exc}")
+        bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
+        if len(rates) > 1:
+            rates = rates_in_use(bus, rates)
+            if not rates:
+                _fail(f"nothing answered at {', '.join(map(str, AUTO_RATES))} baud")
+                return 1
+        for rate in rates:
+            bus.set_baudrate(rate)
+            what = f"{rate} baud" if len(rates) > 1 or baudrate == "auto" else ""
+            if secondary:
+                with _Progress("probes", None, what) as progress:
+                    meters, probes = scan_secondary(bus, progress, notes.append)
+                if log:
+                    log(f"secondary search at {rate} baud: {probes} selections")
+            else:
+                with _Progress("addresses", len(PRIMARY_ADDRESSES), what) as progress:
+                    meters = scan_primary(bus, progress=progress, note=notes.append)
+            found += meters
     except PortError as exc:
         _fail(str(exc))
         return 1
     finally:
-        _close(serial_port)
+        _close(port)
+    for text in notes:
+        _fail(text)
+    lines = [
+        f"address {f.telegram.address}  id {f.telegram.id}  manufacturer "
+        f"{f.telegram.manufacturer}  version {f.telegram.version}  medium "
+        f"{f.telegram.medium_name}  baudrate {f.baudrate}\n"
+        for f in found
+    ]
+    if found:
+        ids = [f.telegram.id for f in found]
+        if secondary and len(set(ids)) == len(ids):
+            addresses = " ".join(ids)
+        else:
+            addresses = " ".join(str(f.telegram.address) for f in found)
+        used = sorted({f.baudrate for f in found})
+        lines.append(f'KAMSTRUP_ADDRESS="{addresses}"\n')
+        lines.append(f"KAMSTRUP_BAUDRATE={used[0] if len(used) == 1 else 'auto'}\n")
     try:
-        _stdout(
-            "".join(
-                f"address {t.address:3d}  id {t.id}  manufacturer {t.manufacturer}  "
-                f"version {t.version}  medium {t.medium_name}\n"
-                for t in found
-            )
-        )
+        _stdout("".join(lines))
     except OutputError as exc:
         _fail(str(exc))
         return 1
     if not found:
-        _fail("no meter answered on addresses 0-250")
+        where = "by secondary address" if secondary else "on addresses 0-250"
+        _fail(f"no meter answered {where}")
         return 1
-    return 0
+    return 1 if notes else 0
+
+
+class _Progress:
+    """click's progress bar on a terminal; elsewhere (a journal, a pipe) a line every
+    10 s, e.g. "scanned 120 of 251 addresses, 1 meter found"."""
+
+    EVERY = 10.0
+
+    def __init__(self, unit: str, total, what: str):
+        self.unit, self.total, self.what = unit, total, what
+        self.bar = None
+        self.done = 0
+        self.next_line = time.monotonic() + self.EVERY
+
+    def __enter__(self):
+        if sys.stderr.isatty():
+            label = f"Scanning {self.what}".strip()
+            self.bar = click.progressbar(length=self.total or 0, label=label, file=sys.stderr)
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, done: int, found: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.done)
+        elif time.monotonic() >= self.next_line:
+            self.next_line = time.monotonic() + self.EVERY
+            of = f" of {self.total}" if self.total else ""
+            at = f" at {self.what}" if self.what else ""
+            meters = "meter" if found == 1 else "meters"
+            click.echo(f"scanned {done}{of} {self.unit}{at}, {found} {meters} found", err=True)
+        self.done = done
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
 
 
 def main() -> None:
@@ -2481,7 +3160,7 @@ def main() -> None:
         raise SystemExit(128 + signum)  # unwinds: temporary files are removed
 
     signal.signal(signal.SIGTERM, terminate)
-    cli(prog_name=PROG)  # click turns Ctrl-C into "Aborted!" and exit status 1
+    cli()  # named as invoked; click turns Ctrl-C into "Aborted!" and exit status 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
    script (bench/minimal_read.py) and pyMeterBus 0.8.5 (bench/pymeterbus_read.py).
 2. CPU (user+sys) and peak RSS of one `--once` run against
    `python3 -c "import click, serial"`.
-3. Decoding throughput (decode + JSON) for the 303 answer and the libmbus corpus,
+3. Decoding throughput (decode + JSON) for the 303 answer (as sent, CI 0x72, and as its
+   CI 0x76 twin, multi-byte fields most significant byte first) and the libmbus corpus,
    ours against pyMeterBus 0.8.5 (`meterbus.load` + `to_JSON`).
 4. 1, 10 and 50 simulated meters on one bus, one of them silent.
 
@@ -174,13 +175,37 @@ def read_hex(path: Path) -> bytes:
     return bytes.fromhex("".join(c for c in path.read_text("latin-1") if c in string.hexdigits))
 
 
+def msb_twin(frame: bytes) -> bytes:
+    """The same answer with CI 0x76: the header's identification, manufacturer and
+    signature and every data field most significant byte first (fixed-length records)."""
+    body = frame[7:-2]
+    out = body[3::-1] + body[5:3:-1] + body[6:10] + body[11:9:-1]
+    pos = 12
+    for record in kt.decode_telegram(frame).records:
+        head = len(record.dib) + len(record.vib)
+        length = kt._DATA_LENGTHS[record.dib[0] & 0x0F]
+        out += body[pos : pos + head] + body[pos + head : pos + head + length][::-1]
+        pos += head + length
+    assert pos == len(body)
+    return kt.long_frame(frame[4], frame[5], 0x76, out)
+
+
 def throughput(seconds: float, pmb: str | None) -> list:
     """(name, frames, ours on all, pyMeterBus, ours on the frames pyMeterBus decodes, usable)."""
-    answer_path = Path(tempfile.mkdtemp()) / "multical303.hex"
-    answer_path.write_text(sim.Meter().telegrams()[0].hex(" "))
+    folder = Path(tempfile.mkdtemp())
+    answer = sim.Meter().telegrams()[0]
+    answer_path = folder / "multical303.hex"
+    answer_path.write_text(answer.hex(" "))
+    twin_path = folder / "multical303_ci76.hex"
+    twin_path.write_text(msb_twin(answer).hex(" "))
     corpus = sorted(CORPUS.glob("*.hex"))
     rows = []
-    for name, paths in (("MULTICAL 303 answer", [answer_path]), ("libmbus corpus", corpus)):
+    cases = (
+        ("MULTICAL 303 answer", [answer_path]),
+        ("MULTICAL 303 answer as CI 0x76", [twin_path]),
+        ("libmbus corpus", corpus),
+    )
+    for name, paths in cases:
         frames = [read_hex(p) for p in paths]
         ours = decode_rate(frames, seconds)
         theirs = same = usable = None

@@ -152,7 +152,7 @@ def test_bad_file_one_line_exit_1_no_output(tmp_path, kind):
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kamstrup_textfile: ")
+    assert lines[0].startswith("kamstrup_textfile.py: ")  # named as invoked
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name]
@@ -164,7 +164,7 @@ def test_binary_file_is_one_clean_error(tmp_path):
     out = tmp_path / "kamstrup.prom"
     result = run_tool("--decode", str(bad), "--output", str(out))
     assert result.returncode == 1
-    assert result.stderr.splitlines() == [f"kamstrup_textfile: {bad}: not hex text"]
+    assert result.stderr.splitlines() == [f"kamstrup_textfile.py: {bad}: not hex text"]
     assert not out.exists()
 
 
@@ -206,7 +206,8 @@ def test_usage_errors_exit_2(kind, tmp_path, monkeypatch):
     out = tmp_path / "k.prom"
     result = invoke([*USAGE_ERRORS[kind], "--output", str(out)])
     assert result.exit_code == 2, result.stdout + result.stderr
-    assert "Error" in result.stderr
+    (line,) = result.stderr.splitlines()  # one line, not click's usage block
+    assert line.startswith("kamstrup-textfile: ") and line.endswith(" --help)")
     assert opened == []
     assert not out.exists()
 
@@ -236,7 +237,7 @@ def test_address_254_and_secondary_accepted(monkeypatch):
 def test_version():
     result = run_tool("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"kamstrup_textfile, version {kt.__version__}"
+    assert result.stdout.strip() == f"kamstrup_textfile.py, version {kt.__version__}"
 
 
 def test_help_mentions_environment():

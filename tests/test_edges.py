@@ -80,7 +80,7 @@ def test_stdout_into_a_full_disk_is_one_line(mode, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
     assert lines[-1] == (
-        "kamstrup_textfile: cannot write to standard output: No space left on device"
+        "kamstrup_textfile.py: cannot write to standard output: No space left on device"
     )
     assert len(lines) == (2 if mode == "--once" else 1)  # the port's line, then stdout's
 
@@ -96,7 +96,7 @@ def test_stdout_into_a_closed_pipe_is_one_line():
     proc.stdout.close()  # the reader went away before a byte was read
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 1
-    assert stderr == "kamstrup_textfile: cannot write to standard output: Broken pipe\n"
+    assert stderr == "kamstrup_textfile.py: cannot write to standard output: Broken pipe\n"
 
 
 # --- identifiers are labels, not samples -----------------------------------------------
@@ -198,3 +198,27 @@ def test_one_meter_at_two_addresses_is_still_exported_once(tmp_path, fake_bus): 
     assert series(families, "kamstrup_energy_joules_total") == [
         ({"meter": "30303030"}, "554400000")
     ]
+
+
+# --- outputs that are not files ---------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fifo", "/dev/full", "/dev/zero"])
+def test_an_output_that_is_not_a_file_is_refused_at_once(kind, tmp_path):
+    """The previous file is read for its last-success times: a fifo would block that read
+    forever, /dev/full and /dev/zero would feed it without end."""
+    if kind == "fifo":
+        output = tmp_path / "kamstrup.prom"
+        os.mkfifo(output)
+    else:
+        output = kind
+    result = subprocess.run(
+        [sys.executable, TOOL, "--once", "--port", str(tmp_path / "missing"),
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"kamstrup_textfile.py: {output} is not a regular file (use --output - for stdout)"
+    )

@@ -180,7 +180,7 @@ def check(result, out: Path, tmp_path: Path, failed, meters=METERS) -> None:
     assert result.exit_code == 1, (result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("kamstrup_textfile: ")
+    assert lines[0].startswith("kamstrup-textfile: ")
     assert "Traceback" not in result.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     text = out.read_text()

@@ -68,7 +68,7 @@ def parse_prom(text: str) -> dict:
     assert text.endswith("\n"), "no final newline"
     families: dict = {}
     current = None
-    for line in text.splitlines():
+    for line in text.split("\n")[:-1]:  # only \n ends a line (a label value may hold \r)
         if line.startswith("# HELP "):
             name = line.split(" ", 3)[2]
             assert name not in families, f"second HELP for {name}"
@@ -187,7 +187,8 @@ def run_as_nobody(open_dir: Path, *args):
 def one_error_line(stderr: str) -> str:
     lines = stderr.splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("kamstrup_textfile: ")
+    # named as invoked: the script run as a program, or the command in-process
+    assert lines[0].startswith(("kamstrup_textfile.py: ", "kamstrup-textfile: "))
     assert "Traceback" not in stderr
     return lines[0]
 
@@ -569,7 +570,12 @@ def test_busy_port_waits_then_fails(tmp_path):
         holder.close()
         line.close()
     assert result.returncode == 1
-    assert "busy" in one_error_line(result.stderr)  # only said once the 10 s wait is over
+    message = one_error_line(result.stderr)  # only said once the 10 s wait is over
+    me = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    assert message == (
+        f"kamstrup_textfile.py: port {line.path} is busy: another program has locked it "
+        f"(open in {me} (pid {os.getpid()}))"
+    )
 
 
 @pytest.mark.slow

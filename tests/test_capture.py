@@ -1,0 +1,281 @@
+"""--capture FILE: every answer of a live read appended to FILE as hex, each after a comment
+line; --decode FILE gives back the .prom / JSON the live read gave.
+
+In-process against kamstrup_sim's FakePort where that is enough, and the round trip as a
+user runs it: two processes and a pseudo-terminal paced at 2400 baud.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import kamstrup_sim as sim
+import kamstrup_textfile as kt
+
+try:
+    from tools import invoke, run_tool
+except ImportError:  # pragma: no cover - when run as a package
+    from tests.tools import invoke, run_tool
+
+COMMENT = re.compile(
+    r"# (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d) port (\S+) address (\S+) baudrate (\d+)"
+)
+
+
+def stable(text: str) -> list:
+    """The lines of a .prom that do not change from run to run (not times nor durations)."""
+    return [
+        line
+        for line in text.splitlines()
+        if not line.startswith(
+            ("kamstrup_last_success_timestamp_seconds", "kamstrup_read_duration_seconds")
+        )
+    ]
+
+
+def entries(path: Path) -> list:
+    """[(comment match, frame bytes)] of a capture file; every line is one or the other."""
+    lines = path.read_text(encoding="ascii").splitlines()
+    assert len(lines) % 2 == 0, lines
+    out = []
+    for comment, frame in zip(lines[::2], lines[1::2]):
+        match = COMMENT.fullmatch(comment)
+        assert match, comment
+        assert re.fullmatch(r"[0-9A-F]{2}( [0-9A-F]{2})*", frame), frame
+        out.append((match, bytes.fromhex(frame)))
+    return out
+
+
+@pytest.fixture
+def fake_bus(monkeypatch):
+    """open_port gives an in-process simulated bus with these meters."""
+    meters: list = []
+
+    def open_port(url, baudrate, wait=10.0):
+        return sim.FakePort(sim.SimulatedBus(meters), timeout=0.001)
+
+    monkeypatch.setattr(kt, "open_port", open_port)
+    return meters
+
+
+# --- what a capture holds -------------------------------------------------------------
+
+
+def test_capture_file_layout(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48))
+    capture = tmp_path / "frames.hex"
+    before = dt.datetime.now().astimezone().replace(microsecond=0)
+    result = invoke(["--once", "--port", "/dev/ttymeterBus", "--address", "48",
+                     "--output", str(tmp_path / "k.prom"), "--capture", str(capture)])  # fmt: skip
+    after = dt.datetime.now().astimezone()
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""
+    ((comment, frame),) = entries(capture)
+    when = dt.datetime.fromisoformat(comment.group(1))
+    assert when.utcoffset() is not None  # local time with its offset
+    assert before <= when <= after
+    assert comment.group(2, 3, 4) == ("/dev/ttymeterBus", "48", "2400")
+    assert frame == sim.Meter(address=48).telegrams()[0]
+
+
+def test_every_answer_of_every_meter_in_order(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48, multi=True))  # two telegrams
+    fake_bus.append(sim.Meter(address=74, ident="77447744", kind="403"))
+    capture = tmp_path / "frames.hex"
+    args = ["--once", "--address", "48", "--address", "74", "--baudrate", "9600"]
+    result = invoke([*args, "--output", "-", "--capture", str(capture)])
+    assert result.exit_code == 0, result.stderr
+    got = entries(capture)
+    assert [(c.group(3), c.group(4)) for c, _ in got] == [("48", "9600")] * 2 + [("74", "9600")]
+    assert [f for _, f in got] == sim.Meter(address=48, multi=True).telegrams() + [
+        sim.Meter(address=74, ident="77447744", kind="403").telegrams()[0]
+    ]
+
+
+def test_a_capture_is_appended_to(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48))
+    capture = tmp_path / "frames.hex"
+    capture.write_text("# kept\n")
+    for _ in range(2):
+        result = invoke(["--once", "--address", "48", "--output", "-", "--capture", str(capture)])
+        assert result.exit_code == 0, result.stderr
+    text = capture.read_text()
+    assert text.startswith("# kept\n")
+    assert text.count("\n68 88 88 68 08 30 72") == 2
+
+
+def test_a_silent_meter_leaves_nothing_and_the_others_are_kept(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48))
+    capture = tmp_path / "frames.hex"
+    args = ["--once", "--address", "5", "--address", "48", "--timeout", "0.05", "--retries", "0"]
+    result = invoke([*args, "--output", "-", "--capture", str(capture)])
+    assert result.exit_code == 1  # address 5 failed, as without --capture
+    assert [c.group(3) for c, _ in entries(capture)] == ["48"]
+
+
+def test_secondary_address_in_the_comment(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48, ident="82937133"))
+    capture = tmp_path / "frames.hex"
+    result = invoke(["--once", "--address", "82937133", "--output", "-", "--capture", str(capture)])
+    assert result.exit_code == 0, result.stderr
+    ((comment, frame),) = entries(capture)
+    assert comment.group(3) == "82937133"
+    assert kt.decode_telegram(frame).id == "82937133"
+
+
+# --- --decode reads it back ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["prom", "json"])
+def test_decode_gives_what_the_live_read_gave(fake_bus, tmp_path, fmt):
+    fake_bus.append(sim.Meter(address=48, multi=True))
+    fake_bus.append(sim.Meter(address=74, ident="77447744", kind="403"))
+    capture = tmp_path / "frames.hex"
+    live = tmp_path / "live.out"
+    args = ["--once", "--address", "48", "--address", "74", "--format", fmt]
+    result = invoke([*args, "--output", str(live), "--capture", str(capture)])
+    assert result.exit_code == 0, result.stderr
+    decoded = invoke(["--decode", str(capture), "--format", fmt])
+    assert decoded.exit_code == 0, decoded.stderr
+    if fmt == "json":
+        assert json.loads(decoded.stdout) == json.loads(live.read_text())
+    else:
+        assert stable(decoded.stdout) == stable(live.read_text())
+        assert 'kamstrup_energy_joules_total{meter="30303030"} 554400000' in decoded.stdout
+
+
+def test_comment_lines_are_ignored_by_decode():
+    frame = sim.Meter(address=48).telegrams()[0].hex(" ")
+    text = f"# a comment\n\n  # indented, 68 with hex-looking words: FF\n{frame}\n# end\n"
+    assert kt.parse_hex(text) == bytes.fromhex(frame)
+    with pytest.raises(kt.FrameError, match="line 2: 'x' is not a hex digit"):
+        kt.parse_hex("# fine\n68 x\n")
+
+
+# --- what goes wrong -------------------------------------------------------------------
+
+
+def test_unwritable_capture_warns_and_keeps_the_prom(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48))
+    out = tmp_path / "k.prom"
+    capture = tmp_path / "missing-dir" / "frames.hex"
+    result = invoke(["--once", "--address", "48", "--output", str(out), "--capture", str(capture)])
+    assert result.exit_code == 1  # the capture asked for did not happen
+    lines = result.stderr.splitlines()
+    assert lines == [
+        f"kamstrup-textfile: capture {capture}: No such file or directory; "
+        "the read goes on without it"
+    ]
+    text = out.read_text()
+    assert 'kamstrup_up{address="48"} 1\n' in text
+    assert 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n' in text
+    assert not capture.exists()
+
+
+def test_capture_write_failure_midway(fake_bus, tmp_path):
+    """/dev/full: opening works, every write fails (ENOSPC), as on a full disk."""
+    fake_bus.append(sim.Meter(address=48, multi=True))
+    out = tmp_path / "k.prom"
+    result = invoke(["--once", "--address", "48", "--output", str(out), "--capture", "/dev/full"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "kamstrup-textfile: capture /dev/full: No space left on device; the read goes on without it"
+    ]  # one line, although two answers were not written
+    assert 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n' in out.read_text()
+
+
+CAPTURE_USAGE_ERRORS = {
+    "with_decode": ["--decode", "-", "--capture", "{tmp}/frames.hex"],
+    "with_scan": ["--scan", "--capture", "{tmp}/frames.hex"],
+    "same_as_output": ["--once", "--output", "{tmp}/k.prom", "--capture", "{tmp}/k.prom"],
+    "a_prom_file": ["--once", "--output", "-", "--capture", "{tmp}/frames.prom"],
+    "stdout": ["--once", "--output", "-", "--capture", "-"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CAPTURE_USAGE_ERRORS))
+def test_capture_usage_errors(kind, tmp_path, monkeypatch):
+    opened = []
+    monkeypatch.setattr(kt, "open_port", lambda *a, **k: opened.append(a))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in CAPTURE_USAGE_ERRORS[kind]]
+    result = invoke(args, input="")
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert "--capture" in result.stderr
+    assert opened == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_capture_through_the_same_path_as_output_via_a_link(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "open_port", lambda *a, **k: pytest.fail("port opened"))
+    (tmp_path / "k.prom").write_text("")
+    (tmp_path / "link.hex").symlink_to(tmp_path / "k.prom")
+    args = ["--once", "--output", str(tmp_path / "k.prom"), "--capture", str(tmp_path / "link.hex")]
+    result = invoke(args)
+    assert result.exit_code == 2
+    assert (tmp_path / "k.prom").read_text() == ""
+
+
+# --- the round trip as a user runs it: a paced pty, two processes --------------------------
+
+
+@pytest.mark.slow
+def test_round_trip_through_a_pty(tmp_path):
+    meters = [
+        sim.Meter(address=48, multi=True),
+        sim.Meter(address=74, ident="77447744", kind="403"),
+    ]
+    live = {}
+    for fmt in ("prom", "json"):
+        line = sim.PtyLine(sim.SimulatedBus(meters), baudrate=2400, pace=True)
+        out = tmp_path / f"live.{fmt}"
+        try:
+            result = run_tool("--once", "--port", line.path, "--address", "48", "--address", "74",
+                              "--format", fmt, "--output", str(out),
+                              "--capture", str(tmp_path / f"{fmt}.hex"))  # fmt: skip
+        finally:
+            line.close()
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        live[fmt] = out.read_text()
+        decoded = run_tool("--decode", str(tmp_path / f"{fmt}.hex"), "--format", fmt)
+        assert decoded.returncode == 0, decoded.stderr
+        if fmt == "json":
+            assert json.loads(decoded.stdout) == json.loads(live[fmt])
+        else:
+            assert stable(decoded.stdout) == stable(live[fmt])
+        ports = {c.group(2) for c, _ in entries(tmp_path / f"{fmt}.hex")}
+        assert ports == {line.path}
+    assert 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n' in live["prom"]
+
+
+def test_capture_from_the_environment(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48))
+    capture = tmp_path / "frames.hex"
+    result = invoke(["--once", "--address", "48", "--output", "-"],
+                    env={"KAMSTRUP_CAPTURE": str(capture)})  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert len(entries(capture)) == 1
+
+
+def test_a_ci_0x76_meter_read_live_captured_and_decoded(fake_bus, tmp_path, monkeypatch):
+    """The Apator ELF's CI 0x76 answer (tests/data/frames) from a simulated meter: read
+    live like any other, captured, and decoded back to the same file."""
+    frames = Path(__file__).resolve().parent / "data" / "frames"
+    monkeypatch.setitem(sim.FRAMES, "apator-ci76", (frames / "apator_elf_ci76.hex").read_text())
+    # the simulator writes the identification least significant byte first: reversed here
+    fake_bus.append(sim.Meter(address=1, ident="55916100", kind="apator-ci76"))
+    capture = tmp_path / "frames.hex"
+    live = tmp_path / "live.prom"
+    result = invoke(["--once", "--address", "1", "--output", str(live), "--capture", str(capture)])
+    assert result.exit_code == 0, result.stderr
+    text = live.read_text()
+    assert 'kamstrup_temperature_celsius{meter="00619155",sensor="flow"} 26.9\n' in text
+    ((_, frame),) = entries(capture)
+    assert frame[6] == 0x76
+    decoded = invoke(["--decode", str(capture)])
+    assert stable(decoded.stdout) == stable(text)
