@@ -529,7 +529,7 @@ def test_silent_meter_fails_the_unit_with_one_line(container):
     assert status != 0
     assert container.systemctl("is-failed", "kamstrup.service") == "failed"
     assert len(lines) == 1, lines
-    assert re.fullmatch(r"kamstrup_textfile: address 254: .*no answer.*", lines[0]), lines
+    assert re.fullmatch(r"kamstrup-textfile: address 254: .*no answer.*", lines[0]), lines
     assert samples(text)[("kamstrup_up", '{address="254"}')] == 0
 
 
