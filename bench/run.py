@@ -41,7 +41,7 @@ import kamstrup_textfile as kt  # noqa: E402
 BAUD = 2400
 DELAY = 0.05
 VENV = HERE / ".venv-pymeterbus"
-CORPUS = TOP.parent / "shared" / "corpus" / "libmbus" / "test-frames"
+CORPUS = TOP / "tests" / "data" / "libmbus" / "test-frames"
 
 
 def pymeterbus_python() -> str | None:

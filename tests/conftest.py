@@ -6,3 +6,13 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 if str(TOP) not in sys.path:
     sys.path.insert(0, str(TOP))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def built_deb(tmp_path_factory):
+    """The Debian package, built once per test session (tests/package.py)."""
+    from package import build_deb
+
+    return build_deb(tmp_path_factory.mktemp("deb"))

@@ -1,4 +1,4 @@
-"""Shared access to the frame corpora in ../shared/corpus (data only, never copied code)."""
+"""The frame corpora in tests/data (data only, never copied code; see tests/data/README.md)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared" / "corpus"
-LIBMBUS = SHARED / "libmbus"
-KAMSTRUP = SHARED / "kamstrup"
+DATA = HERE / "data"
+LIBMBUS = DATA / "libmbus"
+KAMSTRUP = DATA / "kamstrup"
 
 
 def hex_bytes(path: Path) -> bytes:

@@ -26,6 +26,14 @@ PACKAGES=(
 	python3-pytest
 	python3-hypothesis
 	time # GNU time: peak RSS in bench/run.py (tests/test_bench.py)
+	# The Debian package and its test under a real systemd (tests/test_package.py,
+	# tests/test_container.py); the package's build dependencies come from
+	# debian/control below.
+	dpkg-dev          # dpkg-buildpackage
+	lintian           # checks the built .deb
+	debootstrap       # the Debian 12 root file system of the container
+	systemd-container # systemd-nspawn
+	util-linux        # nsenter
 )
 
 export DEBIAN_FRONTEND=noninteractive
@@ -48,9 +56,13 @@ apt-get update
 apt-get install -y --no-install-recommends \
 	-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
 	"${PACKAGES[@]}"
+# Build-Depends of debian/control (apt reads them from the source tree).
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+apt-get build-dep -y --no-install-recommends "$top/"
 
 missing=0
-for tool in promtool systemd-analyze udevadm /usr/bin/prometheus-node-exporter /usr/bin/python3 /usr/bin/time; do
+for tool in promtool systemd-analyze udevadm /usr/bin/prometheus-node-exporter /usr/bin/python3 /usr/bin/time \
+	dpkg-buildpackage lintian /usr/sbin/debootstrap systemd-nspawn nsenter; do
 	if ! command -v "$tool" >/dev/null 2>&1; then
 		echo "install-tools.sh: ERROR: $tool is still missing after apt-get install" >&2
 		missing=1

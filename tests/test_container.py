@@ -1,0 +1,723 @@
+"""The .deb under a real systemd: Debian 12 booted with systemd-nspawn, the package
+installed with apt, the units run against a simulated meter, node_exporter and
+Prometheus reading the result, and apt purge leaving nothing behind.
+
+How it runs on a machine whose PID 1 is not systemd (what was tried and works there):
+
+- The root file system comes from debootstrap (Debian 12, minbase, systemd, dbus,
+  python3). The Depends and Recommends of debian/control are downloaded into its apt
+  cache (not installed), so that apt inside the container resolves them for real but
+  needs no network. It is built once and cached under /var/cache/kamstrup-tests (set
+  KAMSTRUP_TEST_CACHE for another place; a changed package list builds a new one); each
+  test module boots a throw-away copy.
+- systemd-nspawn -b runs in a cgroup of its own (--register=no --keep-unit: there is
+  no host systemd to register with), on the unified hierarchy
+  (SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1) and with the bpf() system call allowed, so that
+  the container's systemd can enforce DevicePolicy=; with --private-network, so that
+  PrivateNetwork=yes units start cleanly.
+- Commands run in the container with nsenter into all its namespaces (apt's maintainer
+  scripts and systemctl must reach the container's systemd).
+- Prometheus (the host's, from Debian's `prometheus` package) runs in the container's
+  network namespace only: it scrapes node_exporter at 127.0.0.1:9100 without any
+  network between host and container, and without installing Prometheus into the
+  container. The test reaches its HTTP API from that namespace too.
+
+A container that does not boot fails the test; nothing here is ever skipped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from package import PACKAGE, SYSTEM_PATH, binary_relations
+from tools import ROOT, parse_exposition, require_tool
+
+import kamstrup_textfile
+
+pytestmark = [pytest.mark.slow, pytest.mark.container]
+
+CACHE = Path(os.environ.get("KAMSTRUP_TEST_CACHE", "/var/cache/kamstrup-tests"))
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+BASE = ("systemd", "systemd-sysv", "dbus", "python3")
+ROOTFS_FORMAT = 1  # bump when the way the root file system is made changes
+TEXTFILE = "/var/lib/prometheus/node-exporter/kamstrup.prom"
+PORT = "/dev/ttymeterBus"
+# A character device that is not a pty (systemd's DevicePolicy= always lets ptys
+# through): 10:200 is /dev/net/tun, which systemd-nspawn allows in the container
+# but kamstrup.service's DevicePolicy=closed does not.
+OTHER_DEVICE = "/dev/ttyKamstrupOther"
+OTHER_MAJOR_MINOR = ("10", "200")
+
+# What kamstrup-sim's default meter (the MULTICAL 303 heat/cooling frame) reads as.
+METER = 'meter="30303030"'
+EXPECTED = {
+    ("kamstrup_up", '{address="254"}'): 1.0,
+    ("kamstrup_energy_joules_total", f"{{{METER}}}"): 154 * 3.6e6,
+    ("kamstrup_volume_cubic_meters_total", f"{{{METER}}}"): 39.49,
+    ("kamstrup_on_time_seconds_total", f"{{{METER}}}"): 2697 * 3600.0,
+    ("kamstrup_temperature_celsius", f'{{{METER},sensor="flow"}}'): 29.3,
+    ("kamstrup_temperature_celsius", f'{{{METER},sensor="return"}}'): 28.2,
+    ("kamstrup_power_watts", f"{{{METER}}}"): 1400.0,
+}
+# The old exporter's names, recorded by rules/kamstrup-legacy.rules.yml, for that meter.
+LEGACY = {
+    ("kamstrup_energy_kwh_total", ()): 154.0,
+    ("kamstrup_volume_m3_total", ()): 39.49,
+    ("kamstrup_on_time_hours_total", ()): 2697.0,
+    ("kamstrup_temperature_celcius", (("type", "flow"),)): 29.3,
+    ("kamstrup_temperature_celcius", (("type", "return"),)): 28.2,
+    ("kamstrup_temperature_celcius", (("type", "difference"),)): 1.1,
+    ("kamstrup_power_w", ()): 1400.0,
+    ("kamstrup_volume_flow_l_h", ()): 1128.0,
+    ("kamstrump_energy_kwh_total", ()): 154.0,
+}
+
+
+# --------------------------------------------------------------------------
+# the root file system
+
+
+def _run_logged(cmd, log: Path, what: str, timeout: float, env=None) -> None:
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(map(str, cmd))}\n".encode())
+        out.flush()
+        try:
+            proc = subprocess.run(
+                cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, env=env
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{what}: no result within {timeout} s (log: {log})", pytrace=False)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        pytest.fail(f"{what} failed with status {proc.returncode}:\n{tail}", pytrace=False)
+
+
+def rootfs() -> Path:
+    """The cached Debian 12 root file system (built on first use, under a lock)."""
+    debootstrap = require_tool("/usr/sbin/debootstrap")
+    depends, recommends = binary_relations()
+    wanted = sorted(set(depends) | set(recommends))
+    key = hashlib.sha256(repr((SUITE, MIRROR, BASE, wanted, ROOTFS_FORMAT)).encode())
+    done = CACHE / f"rootfs-{SUITE}-{key.hexdigest()[:12]}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (done / ".complete").is_file():
+            return done
+        for old in [*CACHE.glob("rootfs-*"), *CACHE.glob("tmp-*")]:
+            shutil.rmtree(old)
+        tmp = CACHE / f"tmp-{done.name}"
+        log = CACHE / "rootfs.log"
+        log.write_text(f"building {done.name}\n")
+        env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+        _run_logged(
+            [
+                debootstrap,
+                "--variant=minbase",
+                f"--include={','.join(BASE)}",
+                SUITE,
+                str(tmp),
+                MIRROR,
+            ],
+            log,
+            "debootstrap",
+            timeout=900,
+            env=env,
+        )
+        chroot_apt = ["chroot", str(tmp), "apt-get", "-q", "-y"]
+        _run_logged([*chroot_apt, "clean"], log, "apt-get clean", timeout=60, env=env)
+        # apt inside the container installs these from its cache: downloaded with the
+        # same resolution (Recommends included) as `apt install ./the.deb` makes.
+        _run_logged(
+            [*chroot_apt, "install", "--download-only", *wanted],
+            log,
+            "apt-get install --download-only",
+            timeout=600,
+            env=env,
+        )
+        (tmp / ".complete").write_text(" ".join(wanted) + "\n")
+        tmp.rename(done)
+    return done
+
+
+# --------------------------------------------------------------------------
+# the container
+
+
+def _cgroup_bases() -> list[Path]:
+    """Where to make the container's own cgroup: the v2 hierarchy, and on the hybrid
+    layout also the name=systemd v1 hierarchy."""
+    fs = Path("/sys/fs/cgroup")
+    bases = []
+    if (fs / "unified" / "cgroup.procs").exists():
+        bases.append(fs / "unified")
+    elif (fs / "cgroup.controllers").exists():
+        bases.append(fs)
+    if (fs / "systemd" / "cgroup.procs").exists():
+        bases.append(fs / "systemd")
+    return bases
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(k) for k in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process started through nsenter, and what nsenter forked for it."""
+    if proc.poll() is None:
+        for child in _children(proc.pid):
+            try:
+                os.kill(child, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+class Container:
+    """A booted copy of the root file system; commands run inside it with nsenter."""
+
+    def __init__(self, root: Path, name: str, log: Path):
+        self.root = root
+        self.name = name
+        self.log = log
+        self.nsenter = require_tool("/usr/bin/nsenter")
+        self.proc: subprocess.Popen | None = None
+        self.leader = 0
+        self.cgroups: list[Path] = []
+
+    # -- life cycle
+
+    def boot(self, timeout: float = 120) -> None:
+        nspawn = require_tool("/usr/bin/systemd-nspawn")
+        for base in _cgroup_bases():
+            path = base / self.name
+            path.mkdir()
+            self.cgroups.append(path)
+
+        def own_cgroup():
+            for path in self.cgroups:
+                (path / "cgroup.procs").write_text(str(os.getpid()))
+
+        env = {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    nspawn,
+                    "--boot",
+                    f"--directory={self.root}",
+                    f"--machine={self.name}",
+                    "--register=no",
+                    "--keep-unit",
+                    "--private-network",
+                    "--system-call-filter=bpf",
+                    "--console=pipe",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=own_cgroup,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.leader:
+            if self.proc.poll() is not None:
+                self._boot_failed(f"systemd-nspawn exited with status {self.proc.returncode}")
+            self.leader = next((k for k in _children(self.proc.pid) if _comm(k) == "systemd"), 0)
+            if time.monotonic() > deadline:
+                self._boot_failed("no systemd as the container's PID 1")
+            time.sleep(0.1)
+        state = self.run(
+            "systemctl", "is-system-running", "--wait", check=False, timeout=timeout
+        ).stdout.strip()
+        if state not in ("running", "degraded"):
+            failed = self.run("systemctl", "--failed", "--no-legend", check=False).stdout
+            self._boot_failed(f"system state {state!r}; failed units:\n{failed}")
+
+    def _boot_failed(self, why: str) -> None:
+        tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        pytest.fail(f"the container did not boot: {why}\n{tail}", pytrace=False)
+
+    def halt(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # SIGTERM asks the container's systemd to power off; a second one ends it at
+            # once (the container is thrown away: a slow stop job need not finish).
+            for wait in (5, 15):
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        for path in self.cgroups:
+            kill = path / "cgroup.kill"
+            if kill.exists():
+                kill.write_text("1")
+        for path in self.cgroups:
+            for _ in range(50):
+                try:
+                    for sub in sorted(path.rglob("*"), key=lambda p: -len(p.parts)):
+                        if sub.is_dir():
+                            sub.rmdir()
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+    # -- running things inside
+
+    def command(self, *cmd: str) -> list[str]:
+        env = [
+            f"PATH={SYSTEM_PATH}",
+            "LANG=C.UTF-8",
+            "DEBIAN_FRONTEND=noninteractive",
+            "SYSTEMD_PAGER=",
+            "SYSTEMD_COLORS=0",
+        ]
+        return [self.nsenter, "-t", str(self.leader), "-a", "env", "-i", *env, *cmd]
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120):
+        proc = subprocess.run(self.command(*cmd), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            pytest.fail(
+                f"in the container: {' '.join(cmd)}: status {proc.returncode}\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}",
+                pytrace=False,
+            )
+        return proc
+
+    def systemctl(self, *args: str) -> str:
+        return self.run("systemctl", *args, check=False).stdout.strip()
+
+    def path(self, inside: str) -> Path:
+        """A path of the container's file system, seen from the host."""
+        return self.root / inside.lstrip("/")
+
+    def http_get(self, url: str) -> str:
+        """GET from the container's network namespace (only there is its loopback)."""
+        code = (
+            "import sys, urllib.request\n"
+            "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+        )
+        proc = subprocess.run(
+            [self.nsenter, "-t", str(self.leader), "-n", sys.executable, "-c", code, url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if proc.returncode != 0:
+            raise ConnectionError(proc.stderr.strip().splitlines()[-1:])
+        return proc.stdout
+
+    @contextmanager
+    def background(self, *cmd: str):
+        """A process in the container; yields it with its first line of output."""
+        proc = subprocess.Popen(
+            self.command(*cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, f"{' '.join(cmd)} in the container said nothing within 30 s"
+            yield proc.stdout.readline()
+        finally:
+            _stop(proc)
+
+    @contextmanager
+    def meter(self, *faults: str):
+        """kamstrup-sim (from the package) on a pty of the container, as /dev/ttymeterBus:
+        its default MULTICAL 303, with the simulator's faults (``silent``, ...) if given.
+        """
+        spec = ",".join(["303:48:30303030", *faults])
+        with self.background("kamstrup-sim", "--meter", spec) as first:
+            m = re.search(r" on (/dev/pts/\d+) ", first)
+            assert m, f"kamstrup-sim said {first!r}"
+            self.run("ln", "-sfn", m.group(1), PORT)
+            yield m.group(1)
+
+    def start_service(self):
+        """systemctl start kamstrup.service: (status, the tool's journal lines, the file)."""
+        # a oneshot started more than 5 times in 10 s hits StartLimitBurst
+        self.run("systemctl", "reset-failed", "kamstrup.service", check=False)
+        proc = self.run("systemctl", "start", "kamstrup.service", check=False, timeout=400)
+        invocation = self.systemctl("show", "--property=InvocationID", "--value", "kamstrup")
+        assert re.fullmatch(r"[0-9a-f]{32}", invocation), invocation
+        self.run("journalctl", "--sync", check=False)
+        lines = self.run(
+            "journalctl",
+            f"_SYSTEMD_INVOCATION_ID={invocation}",
+            "--output=cat",
+            "--no-pager",
+        ).stdout.splitlines()
+        text = self.path(TEXTFILE).read_text() if self.path(TEXTFILE).exists() else ""
+        return proc.returncode, lines, text
+
+
+def samples(text: str) -> dict[tuple[str, str], float]:
+    return {(name, labels): value for name, labels, value in parse_exposition(text)}
+
+
+def wait_until(what: str, probe, timeout: float = 60, every: float = 0.5):
+    """probe() until it returns something true; fail with `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = probe()
+        except (ConnectionError, OSError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(every)
+    pytest.fail(f"{what}: not within {timeout} s (last: {last!r})", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def container(built_deb):
+    """Debian 12 booted with the package installed by apt; the timer is stopped after
+    its state is recorded, so that no timer run falls between a test's steps."""
+    if os.geteuid() != 0:
+        pytest.fail("the container test must run as root (systemd-nspawn)", pytrace=False)
+    base = rootfs()
+    work = Path(tempfile.mkdtemp(prefix="kamstrup-container-", dir="/var/tmp"))
+    root = work / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)], check=True)
+    shutil.copy(built_deb, root / "root" / built_deb.name)
+    box = Container(root, f"kamstrup-test-{os.getpid()}", work / "nspawn.log")
+    try:
+        box.boot()
+        box.install = box.run("apt-get", "install", "-y", f"/root/{built_deb.name}", timeout=600)
+        box.after_install = {
+            "is-enabled": box.systemctl("is-enabled", "kamstrup.timer"),
+            "is-active": box.systemctl("is-active", "kamstrup.timer"),
+        }
+        box.run("systemctl", "stop", "kamstrup.timer")
+        wait_until(
+            "node_exporter listening in the container",
+            lambda: "node_textfile_scrape_error" in box.http_get("http://127.0.0.1:9100/metrics"),
+        )
+        yield box
+    finally:
+        box.halt()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# install
+
+
+def test_install_enables_and_starts_the_timer(container):
+    assert container.after_install == {"is-enabled": "enabled", "is-active": "active"}
+    assert container.systemctl("is-enabled", "kamstrup.timer") == "enabled"
+    # apt took the Depends and Recommends from its cache (no network in the container)
+    status = container.run(
+        "dpkg-query",
+        "--show",
+        "--showformat=${Package} ${db:Status-Status}\\n",
+        PACKAGE,
+        "python3-serial",
+        "python3-click",
+        "prometheus-node-exporter",
+    ).stdout.split("\n")
+    assert [line.split()[1] for line in status if line] == ["installed"] * 4, status
+    # byte-compiled on install by py3compile
+    cache = container.path("/usr/lib/python3/dist-packages/__pycache__")
+    assert list(cache.glob("kamstrup_textfile.cpython-3*.pyc"))
+    version = container.run("kamstrup-textfile", "--version").stdout
+    assert kamstrup_textfile.__version__ in version, version
+
+
+def test_installed_units_verify_and_are_hardened(container):
+    """The packaged units under the container's own systemd (252, Debian 12)."""
+    verify = container.run(
+        "systemd-analyze", "verify", "--man=no", "kamstrup.service", "kamstrup.timer"
+    )
+    assert verify.stderr == "", verify.stderr
+    security = container.run("systemd-analyze", "security", "--no-pager", "kamstrup.service")
+    m = re.search(r"Overall exposure level for kamstrup.service: (\d+\.\d+)", security.stdout)
+    assert m, security.stdout
+    assert float(m.group(1)) <= 2.0, security.stdout
+    shown = container.systemctl("show", "--property=ExecStart", "kamstrup.service")
+    assert "path=/usr/bin/kamstrup-textfile ; argv[]=/usr/bin/kamstrup-textfile --once" in shown
+
+
+def test_service_reads_the_meter(container):
+    with container.meter():
+        status, lines, text = container.start_service()
+    assert status == 0, lines
+    assert lines == []
+    values = samples(text)
+    for key, value in EXPECTED.items():
+        assert values.get(key) == pytest.approx(value, rel=1e-12), key
+    st = container.path(TEXTFILE).stat()
+    assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o7777)) == (0, 0, "0o644")
+    assert container.systemctl("is-failed", "kamstrup.service") == "inactive"
+
+
+def test_one_simulator_serves_successive_runs(container):
+    """The timer's case: the same port read again and again (the pty set up anew)."""
+    stamps = []
+    with container.meter():
+        for _ in range(3):
+            status, lines, text = container.start_service()
+            assert (status, lines) == (0, []), lines
+            values = samples(text)
+            assert values[("kamstrup_up", '{address="254"}')] == 1
+            stamps.append(values[("kamstrup_last_success_timestamp_seconds", '{address="254"}')])
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3, stamps
+
+
+def test_node_exporter_serves_our_series(container):
+    with container.meter():
+        status, lines, _ = container.start_service()
+    assert status == 0, lines
+
+    def scrape():
+        found = samples(container.http_get("http://127.0.0.1:9100/metrics"))
+        return found if found.get(("kamstrup_up", '{address="254"}')) == 1 else None
+
+    found = wait_until("kamstrup_up 1 in node_exporter's /metrics", scrape)
+    assert found[("node_textfile_scrape_error", "")] == 0
+    energy = ("kamstrup_energy_joules_total", f"{{{METER}}}")
+    assert found[energy] == EXPECTED[energy]
+    assert (
+        "node_textfile_mtime_seconds",
+        f'{{file="{TEXTFILE}"}}',
+    ) in found
+
+
+def test_silent_meter_fails_the_unit_with_one_line(container):
+    with container.meter("silent"):
+        status, lines, text = container.start_service()
+    assert status != 0
+    assert container.systemctl("is-failed", "kamstrup.service") == "failed"
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"kamstrup-textfile: address 254: .*no answer.*", lines[0]), lines
+    assert samples(text)[("kamstrup_up", '{address="254"}')] == 0
+
+
+def test_missing_adapter_says_does_not_exist(container):
+    container.run("rm", "-f", PORT)
+    status, lines, text = container.start_service()
+    assert status != 0
+    assert len(lines) == 1, lines
+    assert f"port {PORT} does not exist" in lines[0]
+    assert samples(text)[("kamstrup_up", '{address="254"}')] == 0
+
+
+def test_device_policy_refuses_another_device(container):
+    """DevicePolicy=closed with DeviceAllow=/dev/ttymeterBus: the same tool opening the
+    same non-pty node is refused by the unit (EPERM from the device cgroup), while a
+    plain transient unit in the same container opens it (and then fails on termios,
+    since it is no serial port), and so does kamstrup.service through the link."""
+    major, minor = OTHER_MAJOR_MINOR
+    container.run("rm", "-f", OTHER_DEVICE)
+    container.run("mknod", "-m", "0660", OTHER_DEVICE, "c", major, minor)
+    try:
+        # control: no device policy
+        plain = container.run(
+            "systemd-run",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            "/usr/bin/kamstrup-textfile",
+            "--once",
+            "--output=-",
+            f"--port={OTHER_DEVICE}",
+            check=False,
+        )
+        assert plain.returncode == 1
+        assert "not permitted" not in plain.stderr, plain.stderr
+        assert "configure port" in plain.stderr, plain.stderr
+
+        # kamstrup.service with the port set to the other node: refused
+        dropin = container.path("/etc/systemd/system/kamstrup.service.d/other-port.conf")
+        dropin.parent.mkdir(parents=True, exist_ok=True)
+        dropin.write_text(f"[Service]\nEnvironment=KAMSTRUP_PORT={OTHER_DEVICE}\n")
+        container.run("systemctl", "daemon-reload")
+        try:
+            status, lines, _ = container.start_service()
+        finally:
+            dropin.unlink()
+            dropin.parent.rmdir()
+            container.run("systemctl", "daemon-reload")
+        assert status != 0
+        assert len(lines) == 1, lines
+        assert "Operation not permitted" in lines[0], lines
+
+        # the same node behind /dev/ttymeterBus: allowed
+        container.run("ln", "-sfn", OTHER_DEVICE, PORT)
+        status, lines, _ = container.start_service()
+        assert status != 0
+        assert len(lines) == 1, lines
+        assert "not permitted" not in lines[0] and "configure port" in lines[0], lines
+    finally:
+        container.run("rm", "-f", OTHER_DEVICE, PORT)
+
+
+# --------------------------------------------------------------------------
+# Prometheus
+
+
+def shortened_rules(directory: Path) -> list[Path]:
+    """Copies of the shipped rule files; in the copy KamstrupMeterNotRead waits 2 s."""
+    alerts = (ROOT / "rules" / "kamstrup.rules.yml").read_text()
+    short, n = re.subn(
+        r"(- alert: KamstrupMeterNotRead\n(?:[^\n]*\n)*?\s+for: )30m\n", r"\g<1>2s\n", alerts
+    )
+    assert n == 1, "KamstrupMeterNotRead's `for: 30m` not found in rules/kamstrup.rules.yml"
+    (directory / "kamstrup.rules.yml").write_text(short)
+    shutil.copy(ROOT / "rules" / "kamstrup-legacy.rules.yml", directory)
+    return [directory / "kamstrup.rules.yml", directory / "kamstrup-legacy.rules.yml"]
+
+
+def query(container: Container, expr: str) -> list[dict]:
+    body = json.loads(container.http_get(f"http://127.0.0.1:9090/api/v1/query?query={quote(expr)}"))
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def test_prometheus_records_legacy_names_and_alerts(container, tmp_path):
+    prometheus = require_tool("prometheus")
+    promtool = require_tool("promtool")
+    rules = shortened_rules(tmp_path)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "rule_files:\n" + "".join(f"  - {r}\n" for r in rules) + "scrape_configs:\n"
+        "  - job_name: node\n    static_configs:\n      - targets: ['127.0.0.1:9100']\n"
+    )
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    with container.meter():
+        status, lines, _ = container.start_service()
+    assert status == 0, lines
+
+    log = open(tmp_path / "prometheus.log", "wb")
+    server = subprocess.Popen(
+        [
+            container.nsenter,
+            "-t",
+            str(container.leader),
+            "-n",
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            "--web.listen-address=127.0.0.1:9090",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def legacy():
+            got = {}
+            for result in query(container, '{__name__=~"kamstrum?p_.*", meter="30303030"}'):
+                metric = dict(result["metric"])
+                name = metric.pop("__name__")
+                extra = tuple(sorted((k, v) for k, v in metric.items() if k == "type"))
+                got[(name, extra)] = float(result["value"][1])
+            return got if all(key in got for key in LEGACY) else None
+
+        got = wait_until("the legacy recording rules in Prometheus", legacy, timeout=60)
+        for key, value in LEGACY.items():
+            assert got[key] == pytest.approx(value, rel=1e-9), key
+        assert not query(container, 'ALERTS{alertname="KamstrupMeterNotRead"}')
+
+        with container.meter("silent"):
+            status, lines, _ = container.start_service()
+        assert status != 0 and len(lines) == 1, lines
+
+        def alert():
+            found = query(container, 'ALERTS{alertname="KamstrupMeterNotRead"}')
+            return [a["metric"] for a in found]
+
+        alerts = wait_until("KamstrupMeterNotRead pending or firing", alert, timeout=60)
+        assert [(a["address"], a["alertstate"] in ("pending", "firing")) for a in alerts] == [
+            ("254", True)
+        ], alerts
+        # the meter's readings (and their legacy names) are gone with kamstrup_up 0
+        wait_until(
+            "the legacy series gone after the failed read",
+            lambda: not query(container, "kamstrup_energy_kwh_total"),
+            timeout=30,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+    # the shipped rules were not touched
+    assert "for: 30m" in (ROOT / "rules" / "kamstrup.rules.yml").read_text()
+
+
+# --------------------------------------------------------------------------
+# remove and purge (last: it takes the package away)
+
+
+def test_remove_stops_the_timer_and_purge_leaves_nothing(container):
+    container.run("systemctl", "start", "kamstrup.timer")
+    assert container.systemctl("is-active", "kamstrup.timer") == "active"
+    with container.meter():
+        status, lines, _ = container.start_service()
+    assert status == 0, lines
+    assert container.path(TEXTFILE).exists()
+
+    container.run("apt-get", "remove", "-y", PACKAGE)
+    assert container.systemctl("is-active", "kamstrup.timer") == "inactive"
+    assert not container.path("/lib/systemd/system/kamstrup.service").exists()
+    assert container.path("/etc/default/kamstrup").exists()  # a conffile stays until purge
+
+    container.run("apt-get", "purge", "-y", PACKAGE)
+    leftovers = [
+        str(p)
+        for top in ("/etc", "/lib/systemd", "/usr/lib/systemd", "/usr/bin", "/var/lib/systemd")
+        for p in container.path(top).rglob("*kamstrup*")
+    ]
+    assert leftovers == []
+    assert not list(container.path("/usr/lib/python3/dist-packages").rglob("kamstrup*"))
+    assert not container.path(TEXTFILE).exists()
+    units = container.run("systemctl", "list-unit-files", "--no-legend", "kamstrup*", check=False)
+    assert (units.returncode, units.stdout.strip()) == (1, ""), units.stdout
+    assert container.systemctl("is-enabled", "kamstrup.timer") == ""
+    gone = container.run("dpkg-query", "--show", PACKAGE, check=False)
+    assert gone.returncode != 0
+    # prometheus-node-exporter's directory is its own again, and still there
+    assert container.path("/var/lib/prometheus/node-exporter").is_dir()
