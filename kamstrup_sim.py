@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-# Real answers (RSP_UD) of Kamstrup meters, data only (see ../shared/corpus/kamstrup).
+# Real answers (RSP_UD) of Kamstrup meters, data only (see tests/data/kamstrup).
 FRAMES = {
     "303": (
         "68 88 88 68 08 30 72 30 30 30 30 2D 2C 40 0D 00 00 00 00 04 06 9A 00 00 00 04 86 3C"
