@@ -1709,6 +1709,7 @@ def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None
     return [found[address] for address in sorted(found)]
 
 
+LOST = "a meter answered after the window and could not be found again: try --timeout 1"
 COLLISION = (
     "several meters answered at once (a collision): give them addresses of their own, "
     "or find them with --scan-secondary"
@@ -1754,7 +1755,7 @@ def _find_late(bus: Bus, probed: list, found: dict, note, came: float, also=None
             note(f"address {address} answered {delay:.2f} s after the request, after the "
                  f"{bus.timeout:.3g} s window: try --timeout {enough:g}")  # fmt: skip
             return
-    note("a meter answered after the window and could not be found again: try --timeout 1")
+    note(LOST)
 
 
 def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
@@ -1816,13 +1817,15 @@ def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
 
 
 def rates_in_use(bus: Bus, rates) -> list:
-    """The rates at which something answers SND_NKE to 254 (cleanly or garbled)."""
+    """The rates at which something answers SND_NKE to 254 (cleanly, garbled, or late:
+    each rate is listened to for LATE_WINDOW, so a late answer is not taken for the next
+    rate's)."""
     using = []
     for rate in rates:
         bus.set_baudrate(rate)
-        if bus.probe(ADDRESS_ANY) != "silent":
+        answered = bus.probe(ADDRESS_ANY) != "silent"
+        if bus.listen(bus.sent_at + LATE_WINDOW) is not None or answered:
             using.append(rate)
-        bus.quiet()
     return using
 
 
@@ -3276,7 +3279,8 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
         where = "by secondary address" if secondary else "on addresses 0-250"
         _fail(f"no meter answered {where}")
         return 1
-    return 1 if notes else 0
+    # advice on a late meter that was found is no failure; a collision or a lost meter is
+    return 1 if any("several meters" in text or LOST in text for text in notes) else 0
 
 
 class _Progress:
