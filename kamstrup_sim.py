@@ -410,6 +410,25 @@ class FakePort:
         self.clock.now = limit
         return self._take(ready)
 
+    def wait_readable(self, timeout: float) -> bool:
+        """What select() on a real port's fd does: wait up to ``timeout`` for a byte (or
+        the hang-up); whether one is there."""
+        if self.clock is None:
+            if self.incoming or self.hangup is not None:
+                return True
+            time.sleep(timeout)
+            return False
+        now = self.clock()
+        limit = now + timeout
+        first = self.incoming[0][0] if self.incoming else None
+        if self.hangup is not None and (first is None or self.hangup < first):
+            first = self.hangup
+        if first is not None and first <= limit:
+            self.clock.now = max(now, first)
+            return True
+        self.clock.now = limit
+        return False
+
     def _take(self, n: int) -> bytes:
         chunk = bytes(b for _, b in self.incoming[:n])
         del self.incoming[:n]
@@ -490,8 +509,10 @@ class PtyLine(_Line):
     settings while its master is open and refuses a configuration that changes nothing
     it keeps (it drops PARENB, so a second 8E1 set-up looks like no change: EINVAL).  So
     the line is kept at an idle speed no client uses (50 baud): in packet mode with
-    EXTPROC the master hears of every configuration at once, notes the speed the client
-    set (the meters hear only requests at their rate) and sets the line back to idle.
+    EXTPROC the master hears of every configuration at once and notes the speed the
+    client set (the meters hear only requests at their rate); it sets the line back to
+    idle 20 ms later (glibc reads the settings back at once, and reports EINVAL if its
+    own are not there), or as soon as nobody has the pty open.
     ``disconnect`` closes the master: the client's port hangs up (EIO) and the device
     node goes away, as when a USB adapter is unplugged.
     """
@@ -520,8 +541,8 @@ class PtyLine(_Line):
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _configured(self) -> None:
-        """A client set the line up: note its speed and set the line back to idle."""
+    def _configured(self) -> bool:
+        """A client set the line up: note the speed it set; whether it is not idle."""
         import termios
 
         if not hasattr(self, "_speeds"):
@@ -530,12 +551,19 @@ class PtyLine(_Line):
                 for name in dir(termios)
                 if name.startswith("B") and name[1:].isdigit()
             }
+        speed = termios.tcgetattr(self.master)[4]
+        if speed == getattr(termios, self.IDLE_SPEED):
+            return False
+        self.rate = self._speeds.get(speed)
+        return True
+
+    def _idle_again(self) -> None:
+        """Set the line back to the idle speed (keeping the client's other settings)."""
+        import termios
+
         attrs = termios.tcgetattr(self.master)
-        idle = getattr(termios, self.IDLE_SPEED)
-        if attrs[4] != idle:
-            self.rate = self._speeds.get(attrs[4])
-            attrs[4] = attrs[5] = idle
-            termios.tcsetattr(self.master, termios.TCSANOW, attrs)
+        attrs[4] = attrs[5] = getattr(termios, self.IDLE_SPEED)
+        termios.tcsetattr(self.master, termios.TCSANOW, attrs)
 
     def client_speed(self) -> int | None:
         """The baud rate the client set, as last seen."""
@@ -547,12 +575,21 @@ class PtyLine(_Line):
         found = events.poll(0)
         return bool(found) and bool(found[0][1] & select.POLLHUP)
 
+    # glibc reads a pty's settings back right after setting them (and reports EINVAL if
+    # nothing it asked for is there): the line goes back to idle only a little later
+    IDLE_AFTER = 0.02
+
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self.master, select.POLLIN | select.POLLPRI)
+        idle_at = None  # when to set the line back to idle
         while not self.stop.is_set():
-            events = poller.poll(50)
+            wait = 50 if idle_at is None else max(0, (idle_at - time.monotonic()) * 1000)
+            events = poller.poll(wait)
             flags = events[0][1] if events else 0
+            if idle_at is not None and time.monotonic() >= idle_at:
+                self._idle_again()
+                idle_at = None
             if flags & (select.POLLIN | select.POLLPRI):
                 try:
                     packet = os.read(self.master, 4096)
@@ -565,12 +602,17 @@ class PtyLine(_Line):
                         return
                     continue
                 if packet and packet[0] & self.TIOCPKT_IOCTL:
-                    self._configured()
+                    if self._configured():
+                        idle_at = time.monotonic() + self.IDLE_AFTER
                     continue
                 if packet:
                     continue
             if flags & (select.POLLHUP | select.POLLERR):  # nobody has the pty open
                 self.bus.buffer.clear()  # a request cut off by the hang-up is forgotten
+                again = poller.poll(0)  # still nobody, just before the reset
+                if idle_at is not None and again and again[0][1] & select.POLLHUP:
+                    self._idle_again()
+                    idle_at = None
                 time.sleep(0.001)  # poll() cannot wait for a client while the pty hangs up
 
     def _unplug(self) -> None:

@@ -1287,7 +1287,7 @@ PORT_ERRORS = (OSError, _TermiosError)  # pyserial's SerialException is an OSErr
 
 BYTE_BITS = 11  # 8E1: start, 8 data, parity, stop
 MAX_TELEGRAMS = 16  # "more records follow" is followed at most this often
-READ_SLICE = 0.005  # seconds a single port read may block; the deadline is ours
+READ_SLICE = 0.05  # seconds a single port read may block; the deadline is ours
 STALL = 0.2  # seconds an answer that has begun may pause on top of its bytes' wire time
 LONGEST_ANSWER = 261  # bytes: 68 L L 68, 255 bytes of body, CS 16
 
@@ -1351,8 +1351,9 @@ class Bus:
         self.on_answer = None  # called with (address, frame, baudrate) for every answer accepted
         try:  # a real port's fd: the last wait before a deadline is a select(), to the ms
             self._fd = port.fileno()
-        except (AttributeError, OSError, ValueError, TypeError):
+        except Exception:  # no fd (a socket:// port, a test double): wait_readable, or not
             self._fd = None
+        self._wait = getattr(port, "wait_readable", None)
 
     def set_baudrate(self, baudrate: int) -> None:
         """Talk at another rate from now on (only a change reconfigures the port: a pty
@@ -1410,6 +1411,8 @@ class Bus:
             if self.clock() >= limit:
                 return False
             chunk = self._read(n - len(buf), limit)
+            if chunk is None:  # nothing came by the limit
+                return False
             if chunk:
                 buf += chunk
                 self.heard += len(chunk)
@@ -1461,19 +1464,26 @@ class Bus:
                 self._trace("<", buf)
             raise
 
-    def _read(self, n: int, limit: float) -> bytes:
-        """At most ``n`` bytes, back by ``limit``: a pyserial read blocks a whole READ_SLICE
-        when nothing comes, so the last wait before a deadline is a select() on the fd."""
-        remaining = limit - self.clock()
-        if remaining < READ_SLICE and self._fd is not None:
-            import select
+    def _read(self, n: int, limit: float):
+        """At most ``n`` bytes, back by ``limit``, or None once nothing came by then.
 
-            try:
-                ready = remaining > 0 and select.select([self._fd], [], [], remaining)[0]
-            except (OSError, ValueError) as exc:
-                raise PortError(f"port failed while reading: {_reason(exc)}") from None
-            if not ready:
-                return b""
+        A pyserial read blocks a whole READ_SLICE when nothing comes, so the last wait
+        before a deadline is a select() on the fd (or the port's own wait_readable), not
+        a read that would overshoot it."""
+        remaining = limit - self.clock()
+        if remaining < READ_SLICE:
+            if self._fd is not None:
+                import select
+
+                try:
+                    ready = remaining > 0 and select.select([self._fd], [], [], remaining)[0]
+                except (OSError, ValueError) as exc:
+                    raise PortError(f"port failed while reading: {_reason(exc)}") from None
+                if not ready:
+                    return None
+            elif self._wait is not None:
+                if remaining <= 0 or not self._io("reading", self._wait, remaining):
+                    return None
         return self._io("reading", self.port.read, n)
 
     def quiet(self) -> int:
@@ -1490,6 +1500,8 @@ class Bus:
             if now - last >= quiet or now >= give_up:
                 break
             chunk = self._read(LONGEST_ANSWER, min(last + quiet, give_up))
+            if chunk is None:  # quiet long enough (or given up on)
+                break
             if chunk:
                 dropped += chunk
                 last = self.clock()
@@ -1502,6 +1514,8 @@ class Bus:
         first = None
         while self.clock() < until:
             chunk = self._read(LONGEST_ANSWER, until)
+            if chunk is None:
+                break
             if chunk:
                 self._trace("late", chunk)
                 first = self.clock() if first is None else first
@@ -1885,6 +1899,11 @@ def open_port(url: str, baudrate: int, wait: float = 10.0):
                 raise BusError(
                     f"port {url} does not exist: is the M-Bus adapter plugged in "
                     "(see 10-usbports.rules for /dev/ttymeterBus)?"
+                ) from None
+            if code == errno.EPERM:  # no file permission says this: the device cgroup does
+                raise BusError(
+                    f"port {url}: Operation not permitted: the service may open only "
+                    "/dev/ttymeterBus (DeviceAllow=; see kamstrup.service for other ports)"
                 ) from None
             if code == errno.EACCES:
                 raise BusError(

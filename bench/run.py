@@ -13,6 +13,10 @@
    CI 0x76 twin, multi-byte fields most significant byte first) and the libmbus corpus,
    ours against pyMeterBus 0.8.5 (`meterbus.load` + `to_JSON`).
 4. 1, 10 and 50 simulated meters on one bus, one of them silent.
+5. Finding meters through the paced pty: `--scan` of 0-250 with one meter (at 133)
+   against EN 13757-2's floor (251 x (SND_NKE on the wire + 330 bit times + 50 ms) +
+   the found meter's read), and `--scan-secondary` of three meters on one primary
+   address, two of them with ids one digit apart: wall time and selections.
 
 pyMeterBus is installed from PyPI into bench/.venv-pymeterbus, never into the
 tool's own environment.
@@ -245,10 +249,51 @@ def many_meters(counts, runs: int) -> list:
 
         results = on_meters(meters, cmd, runs)
         wall = median(r[0] for r in results)
-        silent_budget = (1 + retries) * timeout + retries * 0.1  # SND_NKE deadlines + pauses
+        # SND_NKE windows (counted from the end of the request and its answer's first byte)
+        # and the quiet line before each retry
+        window = kt.wire_seconds(5 + 1, BAUD) + timeout
+        silent_budget = (1 + retries) * window + retries * 0.1
         floor = (n - 1) * per_meter + silent_budget
         rows.append((n, wall, (n - 1) * per_meter, silent_budget, floor))
     return rows
+
+
+def scans(rates, secondary_only: bool) -> list:
+    """(what, rate, wall s, floor s, selections) of the scans through a paced pty."""
+    rows = []
+    answer = sim.Meter().telegrams()[0]
+    for rate in rates:
+        probe = kt.wire_seconds(5, rate) + kt.slowest_answer(rate)
+        read = 0.1 + kt.wire_seconds(5 + len(answer), rate) + DELAY  # quiet, REQ_UD2, answer
+        if not secondary_only:
+            meters = [sim.Meter(address=133, ident="82937133", baudrate=rate, delay=DELAY)]
+            wall, _ = _scan_wall(meters, rate, "--scan")
+            rows.append(("--scan 0-250, one meter", rate, wall, 251 * probe + read, None))
+        idents = ("82937133", "82937134", "71234567")
+        meters = [sim.Meter(address=0, ident=i, baudrate=rate, delay=DELAY) for i in idents]
+        wall, stderr = _scan_wall(meters, rate, "--scan-secondary")
+        selections = int(stderr.split("secondary search at")[1].split(":")[1].split()[0])
+        select = kt.wire_seconds(17, rate) + kt.slowest_answer(rate)
+        floor = selections * select + 3 * read
+        rows.append(("--scan-secondary, 3 meters", rate, wall, floor, selections))
+    return rows
+
+
+def _scan_wall(meters, rate, mode) -> tuple:
+    line = sim.PtyLine(sim.SimulatedBus(meters), BAUD)
+    try:
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", "import kamstrup_textfile as k; k.main()", mode,
+             "--port", line.path, "--baudrate", str(rate), "-v"],
+            cwd=TOP, env=ENV, capture_output=True, text=True,
+        )  # fmt: skip
+        wall = time.monotonic() - start
+    finally:
+        line.close()
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} at {rate} baud failed: {done.stderr[-500:]}")
+    return wall, done.stderr
 
 
 def main() -> None:
@@ -310,6 +355,14 @@ def main() -> None:
         print(
             f"| {n} | {wall:.2f} | {wire:.2f} | {silent:.2f} | {floor:.2f} | {wall - floor:.2f} |"
         )
+
+    print("\n## 5. Finding meters through the pty, one run each\n")
+    print("| what | baud | wall s | floor s | wall / floor | selections |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    for what, rate, wall, floor, selections in scans((9600,) if args.quick else (2400, 9600),
+                                                    secondary_only=args.quick):  # fmt: skip
+        print(f"| {what} | {rate} | {wall:.1f} | {floor:.1f} | {wall / floor:.2f}x | "
+              f"{selections if selections is not None else ''} |")  # fmt: skip
 
 
 if __name__ == "__main__":

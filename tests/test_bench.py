@@ -30,9 +30,12 @@ def test_bench_quick_run_prints_every_table():
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for heading in ("## 1. One read", "## 2. CPU and memory", "## 3. Decoding", "## 4. Many"):
+    for heading in ("## 1. One read", "## 2. CPU and memory", "## 3. Decoding", "## 4. Many",
+                    "## 5. Finding meters"):  # fmt: skip
         assert heading in out
     rows = [line for line in out.splitlines() if line.startswith("| kamstrup")]
     assert len(rows) == 3, out
     many = [line for line in out.splitlines() if line.startswith("| 3 |")]
     assert len(many) == 1, out
+    secondary = [line for line in out.splitlines() if line.startswith("| --scan-secondary")]
+    assert len(secondary) == 1 and "| 9600 |" in secondary[0], out

@@ -354,3 +354,22 @@ def test_meters_sharing_an_id_keep_their_labels_whichever_answers(tmp_path, fake
         (("address", "48"), ("meter", "30303030")): {"554400000"},
         (("address", "49"), ("meter", "30303030")): {"46800000"},
     }
+
+
+def test_a_port_the_device_policy_refuses_says_what_to_do(monkeypatch):
+    import errno
+
+    import serial
+
+    def refused(url, **kwargs):
+        raise serial.SerialException(
+            errno.EPERM, f"could not open port {url}: [Errno 1] Operation not permitted"
+        )
+
+    monkeypatch.setattr(serial, "serial_for_url", refused)
+    with pytest.raises(kt.BusError) as caught:
+        kt.open_port("/dev/ttyUSB1", 2400)
+    assert str(caught.value) == (
+        "port /dev/ttyUSB1: Operation not permitted: the service may open only "
+        "/dev/ttymeterBus (DeviceAllow=; see kamstrup.service for other ports)"
+    )
