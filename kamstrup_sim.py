@@ -9,10 +9,15 @@ KAMSTRUP_PORT to the pty for the command and exits with the command's status.
 ``--tcp 127.0.0.1:10001`` serves the same bus on a TCP socket
 (``--port socket://127.0.0.1:10001``) until interrupted.
 
-The answers are real MULTICAL frames (corpus/kamstrup), with the address and
-identification number rewritten.  Behaviours for tests: silent, late, a bad
-checksum, a truncated answer, noise before the frame, an echoing adapter,
-multi-telegram answers, and a disconnect mid-frame.
+The answers are real MULTICAL frames (tests/data/kamstrup), with the address and
+identification number rewritten.  As hostile as a real bus: each meter hears only
+requests at its own baud rate, answers after its own delay, honours the FCB as a
+slave does, is selected by secondary address with wildcards; meters that answer at
+once collide (wired-AND, garbage out of step).  Faults per meter (``--meter
+303:48,delay=0.19,ignore_fcb``): silent, late, a bad checksum, a truncated answer,
+noise before the frame, multi-telegram answers, endless "more records follow", a
+meter that ignores the FCB, an application error, a sleepy first request, and the
+adapter pulled mid-frame; and an echoing adapter (``--echo``).
 """
 
 from __future__ import annotations

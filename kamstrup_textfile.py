@@ -1785,22 +1785,31 @@ def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
     probes = [0]
 
     def probe(mask: str):
+        """None (nobody), a Telegram (one meter) or "collision" (several)."""
         probes[0] += 1
         result = bus.select(mask)
         if result == "silent":
             return None
-        if result == "ack":
-            heard = bus.heard
+        if result == "ack":  # one meter, or several in step: the REQ_UD2 to 253 tells
+            retries, bus.retries = bus.retries, 0
             try:
-                telegram = bus.read_data(ADDRESS_SECONDARY)
-            except PortError:
-                raise
-            except BusError:
-                if bus.heard == heard:
+                for _ in range(1 + retries):  # silence is asked again, garbage is not
+                    heard = bus.heard
+                    try:
+                        telegram = bus.read_data(ADDRESS_SECONDARY)
+                    except PortError:
+                        raise
+                    except BusError:
+                        if bus.heard > heard:
+                            break  # garbage: several answered
+                        continue
+                    if all(m in ("F", d) for m, d in zip(mask, telegram.id or "")):
+                        return telegram
+                    break  # a meter the mask does not match: not one clean answer
+                else:
                     return None
-            else:
-                if all(m in ("F", d) for m, d in zip(mask, telegram.id or "")):
-                    return telegram
+            finally:
+                bus.retries = retries
         bus.quiet()
         return "collision"
 
@@ -3259,7 +3268,7 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
             bus.set_baudrate(rate)
             what = f"{rate} baud" if len(rates) > 1 or baudrate == "auto" else ""
             if secondary:
-                with _Progress("probes", None, what) as progress:
+                with _Progress("selections", None, what) as progress:
                     meters, probes = scan_secondary(bus, progress, notes.append)
                 if log:
                     log(f"secondary search at {rate} baud: {probes} selections")
@@ -3326,10 +3335,13 @@ class _Progress:
             self.bar.update(done - self.done)
         elif time.monotonic() >= self.next_line:
             self.next_line = time.monotonic() + self.EVERY
-            of = f" of {self.total}" if self.total else ""
             at = f" at {self.what}" if self.what else ""
             meters = "meter" if found == 1 else "meters"
-            click.echo(f"scanned {done}{of} {self.unit}{at}, {found} {meters} found", err=True)
+            if self.total:
+                click.echo(f"scanned {done} of {self.total} {self.unit}{at}, {found} {meters} "
+                           "found", err=True)  # fmt: skip
+            else:
+                click.echo(f"{done} {self.unit}{at} so far, {found} {meters} found", err=True)
         self.done = done
 
     def __exit__(self, *exc):
