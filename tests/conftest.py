@@ -16,3 +16,21 @@ def built_deb(tmp_path_factory):
     from package import build_deb
 
     return build_deb(tmp_path_factory.mktemp("deb"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fake_bus(monkeypatch):
+    """Meters on an in-process bus behind open_port; returns the (mutable) meter list."""
+    import kamstrup_sim as sim
+    import kamstrup_textfile as kt
+
+    meters: list = []
+
+    def open_port(url, baudrate, wait=10.0):
+        return sim.FakePort(sim.SimulatedBus(meters), timeout=0.001)
+
+    monkeypatch.setattr(kt, "open_port", open_port)
+    return meters

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from test_sim_paths import stable
 
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
@@ -27,17 +28,6 @@ COMMENT = re.compile(
 )
 
 
-def stable(text: str) -> list:
-    """The lines of a .prom that do not change from run to run (not times nor durations)."""
-    return [
-        line
-        for line in text.splitlines()
-        if not line.startswith(
-            ("kamstrup_last_success_timestamp_seconds", "kamstrup_read_duration_seconds")
-        )
-    ]
-
-
 def entries(path: Path) -> list:
     """[(comment match, frame bytes)] of a capture file; every line is one or the other."""
     lines = path.read_text(encoding="ascii").splitlines()
@@ -49,18 +39,6 @@ def entries(path: Path) -> list:
         assert re.fullmatch(r"[0-9A-F]{2}( [0-9A-F]{2})*", frame), frame
         out.append((match, bytes.fromhex(frame)))
     return out
-
-
-@pytest.fixture
-def fake_bus(monkeypatch):
-    """open_port gives an in-process simulated bus with these meters."""
-    meters: list = []
-
-    def open_port(url, baudrate, wait=10.0):
-        return sim.FakePort(sim.SimulatedBus(meters), timeout=0.001)
-
-    monkeypatch.setattr(kt, "open_port", open_port)
-    return meters
 
 
 # --- what a capture holds -------------------------------------------------------------

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from corpus import KAMSTRUP
-from test_textfile import fake_bus, parse_prom, series  # noqa: F401 (fixture)
+from test_textfile import parse_prom, series
 from tools import TOOL, invoke
 
 import kamstrup_sim as sim
@@ -27,7 +27,7 @@ import kamstrup_textfile as kt
         {"args": ["--label", "site=a", "--label", "site=a"]},
     ],
 )
-def test_a_label_given_twice_is_a_usage_error(how, tmp_path, fake_bus):  # noqa: F811
+def test_a_label_given_twice_is_a_usage_error(how, tmp_path, fake_bus):
     fake_bus.append(sim.Meter(address=48))
     out = tmp_path / "k.prom"
     args = ["--once", "--output", str(out), *how.get("args", [])]
@@ -55,7 +55,7 @@ def test_a_label_value_that_is_not_utf8_is_a_usage_error(tmp_path):
     assert not out.exists()
 
 
-def test_a_utf8_label_value_is_kept(tmp_path, fake_bus):  # noqa: F811
+def test_a_utf8_label_value_is_kept(tmp_path, fake_bus):
     fake_bus.append(sim.Meter(address=48))
     out = tmp_path / "k.prom"
     result = invoke(["--once", "--output", str(out), "--label", "site=København"])
@@ -169,7 +169,7 @@ def test_an_info_code_sent_as_a_real32_is_exported_without_flags(value, tmp_path
 # --- meters that share an id -------------------------------------------------------------
 
 
-def test_two_meters_with_one_id_are_both_exported(tmp_path, fake_bus):  # noqa: F811
+def test_two_meters_with_one_id_are_both_exported(tmp_path, fake_bus):
     fake_bus.append(sim.Meter(address=48, ident="30303030", kind="303"))
     fake_bus.append(sim.Meter(address=74, ident="30303030", kind="403"))
     out = tmp_path / "k.prom"
@@ -189,7 +189,7 @@ def test_two_meters_with_one_id_are_both_exported(tmp_path, fake_bus):  # noqa: 
     assert versions == {"48": "64", "74": "52"}
 
 
-def test_one_meter_at_two_addresses_is_still_exported_once(tmp_path, fake_bus):  # noqa: F811
+def test_one_meter_at_two_addresses_is_still_exported_once(tmp_path, fake_bus):
     fake_bus.append(sim.Meter(address=48))
     out = tmp_path / "k.prom"
     result = invoke(["--once", "--output", str(out), "--address", "254", "--address", "48"])
@@ -303,7 +303,7 @@ def test_stdout_in_ascii_still_gets_utf8():
     assert 'site="Küche"'.encode() in result.stdout
 
 
-def test_an_empty_output_is_a_usage_error(fake_bus):  # noqa: F811
+def test_an_empty_output_is_a_usage_error(fake_bus):
     fake_bus.append(sim.Meter(address=48))
     result = invoke(["--once", "--output", ""])
     assert result.exit_code == 2
@@ -311,7 +311,7 @@ def test_an_empty_output_is_a_usage_error(fake_bus):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", ["directory", "missing directory"])
-def test_an_unusable_output_is_found_before_the_meter_is_read(kind, tmp_path, fake_bus):  # noqa: F811
+def test_an_unusable_output_is_found_before_the_meter_is_read(kind, tmp_path, fake_bus):
     fake_bus.append(sim.Meter(address=48))
     output = tmp_path / ("dir" if kind == "directory" else "missing/k.prom")
     if kind == "directory":
@@ -332,7 +332,7 @@ def test_decode_of_an_endless_file_stops(tmp_path):
     ]
 
 
-def test_meters_sharing_an_id_keep_their_labels_whichever_answers(tmp_path, fake_bus):  # noqa: F811
+def test_meters_sharing_an_id_keep_their_labels_whichever_answers(tmp_path, fake_bus):
     """Run by run one of the two is silent: a series never gets the other meter's values,
     and once they are told apart, each keeps its labels."""
     a = sim.Meter(address=48, ident="30303030", kind="303")

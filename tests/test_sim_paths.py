@@ -326,15 +326,21 @@ def test_adapter_unplugged_mid_answer(tmp_path):
     assert "kamstrup_energy_joules_total" not in text
 
 
-def test_a_silent_meter_names_the_program_that_also_has_the_port_open(tmp_path):
-    line = sim.PtyLine(sim.SimulatedBus([sim.Meter(address=48, silent=True)]), pace=False)
+def hold_open(path: str, mode: str) -> subprocess.Popen:
+    """Another program that has ``path`` open (no lock), until killed."""
     other = subprocess.Popen(
-        [sys.executable, "-c", f"import os, time; os.open({line.path!r}, os.O_RDWR); "
+        [sys.executable, "-c", f"import os, time; os.open({path!r}, os.{mode}); "
          "print('open', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert other.stdout.readline() == "open\n"
+    return other
+
+
+def test_a_silent_meter_names_the_program_that_also_has_the_port_open(tmp_path):
+    line = sim.PtyLine(sim.SimulatedBus([sim.Meter(address=48, silent=True)]), pace=False)
+    other = hold_open(line.path, "O_RDWR")
     try:
-        assert other.stdout.readline() == "open\n"
         name = Path(f"/proc/{other.pid}/comm").read_text().strip()
         out = tmp_path / "k.prom"
         result = once_on(line.path, out, "--address", "48", "--timeout", "0.2", "--retries", "0")
@@ -430,13 +436,8 @@ def test_a_run_killed_mid_answer_does_not_spoil_the_next(tmp_path):
 
 def test_runs_in_a_row_while_another_program_holds_the_pty_open(tmp_path):
     line = sim.PtyLine(sim.SimulatedBus([sim.Meter(address=48)]), pace=False)
-    other = subprocess.Popen(
-        [sys.executable, "-c", f"import os, time; os.open({line.path!r}, os.O_RDONLY); "
-         "print('open', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    other = hold_open(line.path, "O_RDONLY")
     try:
-        assert other.stdout.readline() == "open\n"
         for run in range(3):
             out = tmp_path / f"k{run}.prom"
             result = once_on(line.path, out, "--address", "48", "--retries", "3")

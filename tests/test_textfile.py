@@ -122,18 +122,6 @@ def decode_to(path: Path, *frames: Path, labels=()) -> str:
     return path.read_text()
 
 
-@pytest.fixture
-def fake_bus(monkeypatch):
-    """Meters on an in-process bus behind open_port; returns the (mutable) meter list."""
-    meters: list = []
-
-    def open_port(url, baudrate, wait=10.0):
-        return sim.FakePort(sim.SimulatedBus(meters), timeout=0.001)
-
-    monkeypatch.setattr(kt, "open_port", open_port)
-    return meters
-
-
 def run_once_on_pty(meters, output, *args, pace=False, **kwargs):
     """The real program, --once, on a fresh pseudo-terminal serving ``meters``."""
     line = sim.PtyLine(sim.SimulatedBus(meters), pace=pace)
