@@ -1275,6 +1275,11 @@ class PortError(BusError):
     """The port itself failed (an adapter unplugged, a hang-up): not retried."""
 
 
+class MeterError(BusError):
+    """The meter answered, but wrongly (an application error, a telegram that repeats,
+    an answer from another address): it is there, and it is no collision."""
+
+
 try:  # pyserial lets termios.error, which is not an OSError, out of its POSIX port
     from termios import error as _TermiosError
 except ImportError:  # pragma: no cover - not POSIX
@@ -1348,6 +1353,8 @@ class Bus:
         self.last_byte = 0.0  # when the last byte came
         self.sent_at = 0.0  # when the last request had left
         self.heard = 0  # bytes received so far: more after a failure means garbled, not silent
+        self.received = bytearray()  # what came since read() began (a scan: since the start)
+        self.accepted = 0  # bytes of the frames read_data took
         self.on_answer = None  # called with (address, frame, baudrate) for every answer accepted
         try:  # a real port's fd: the last wait before a deadline is a select(), to the ms
             self._fd = port.fileno()
@@ -1416,6 +1423,7 @@ class Bus:
             if chunk:
                 buf += chunk
                 self.heard += len(chunk)
+                self.received += chunk
                 self.last_byte = self.clock()
                 self._begun = True
         return True
@@ -1439,7 +1447,9 @@ class Bus:
                     if self._fill(buf, len(request)) and buf[: len(request)] == request:
                         self._trace("echo", buf[: len(request)])
                         self.heard -= len(request)
+                        del self.received[-len(request) :]
                         del buf[: len(request)]
+                        self._begun = False  # our own bytes: the answer has not begun
                         continue
                 if first == ACK and not want_frame:
                     self._trace("<", buf[:1])
@@ -1486,9 +1496,9 @@ class Bus:
                     return None
         return self._io("reading", self.port.read, n)
 
-    def quiet(self) -> int:
+    def quiet(self, keep: bool = False) -> bytes:
         """Wait until the line has been quiet for ``pause`` (and a few bytes' time);
-        returns how many bytes came meanwhile (the rest of a cut-off answer, a late one),
+        returns the bytes that came meanwhile (the rest of a cut-off answer, a late one),
         which are dropped.  A line that never stops is given up on after the longest
         answer's time."""
         quiet = max(self.pause, wire_seconds(4, self.baudrate))
@@ -1507,10 +1517,11 @@ class Bus:
                 last = self.clock()
         if dropped:
             self._trace("late", dropped)
-        return len(dropped)
+        return bytes(dropped)
 
-    def listen(self, until: float) -> float | None:
-        """Read until ``until``; when the first byte came, or None (what came is dropped)."""
+    def listen(self, until: float, want: int | None = None) -> float | None:
+        """Read until ``until``; when the first byte (the first ``want`` byte) came, or
+        None (what came is dropped)."""
         first = None
         while self.clock() < until:
             chunk = self._read(LONGEST_ANSWER, until)
@@ -1518,8 +1529,19 @@ class Bus:
                 break
             if chunk:
                 self._trace("late", chunk)
-                first = self.clock() if first is None else first
+                if first is None and (want is None or want in chunk):
+                    first = self.clock()
         return first
+
+    def take_pending(self) -> bytes:
+        """The bytes that have come since the last answer was taken, without waiting."""
+        waiting = self.pending()
+        if not waiting:
+            return b""
+        chunk = self._io("reading", self.port.read, waiting)
+        if chunk:
+            self._trace("late", chunk)
+        return chunk
 
     def pending(self) -> int:
         """Bytes that have come since the last answer was taken (a late answer)."""
@@ -1545,13 +1567,14 @@ class Bus:
             except PortError:  # the port itself: asking again will not help
                 raise
             except ApplicationError as exc:  # the meter answered: asking again will not help
-                raise BusError(str(exc)) from None
+                raise MeterError(str(exc)) from None
             except (BusError, FrameError) as exc:
                 reason = str(exc)
+                kind = MeterError if isinstance(exc, MeterError) else BusError
                 if self.log:
                     self.log(f"! {what}: {reason}")
         tries = 1 + self.retries
-        raise BusError(f"{what}: {reason} (after {tries} {'try' if tries == 1 else 'tries'})")
+        raise kind(f"{what}: {reason} (after {tries} {'try' if tries == 1 else 'tries'})")
 
     def _deselect(self) -> None:
         """SND_NKE to 253: only a meter that is still selected answers, so silence is fine."""
@@ -1579,24 +1602,23 @@ class Bus:
         at once) are a failed read that says so, never one meter's reading.
         """
         if isinstance(address, str):
+            self.received.clear()
             self._deselect()
             self._ack(select_secondary(address), f"selecting secondary address {address}")
             try:
                 return self.read_data(ADDRESS_SECONDARY, secondary=address)
             finally:
                 self._deselect()
+        self.received.clear()
         if address != ADDRESS_ANY:
             self._ack(snd_nke(address), "SND_NKE")
             return self.read_data(address)
         try:
             self._ack(snd_nke(address), "SND_NKE")
             return self.read_data(address)
-        except BusError as exc:  # garbled on the last try: answers that collide
-            if (
-                isinstance(exc, PortError)
-                or "garbled" not in str(exc)
-                and "checksum" not in str(exc)
-            ):
+        except BusError as exc:  # bytes that make no answer: answers that collide
+            silent = "no answer" in str(exc) and not self.received.strip(b"\xe5")
+            if isinstance(exc, (PortError, MeterError)) or silent:
                 raise
             raise BusError(f"{SEVERAL_AT_254} ({exc})") from None
 
@@ -1617,9 +1639,10 @@ class Bus:
                 frame = self._answer(request, want_frame=True)
                 telegram = decode_telegram(frame)
                 if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and telegram.address != target:
-                    raise BusError(f"answer from address {telegram.address}, not {target}")
+                    raise MeterError(f"answer from address {telegram.address}, not {target}")
                 if secondary is not None and telegram.id != secondary:
-                    raise BusError(f"answer from meter {telegram.id}, not {secondary}")
+                    raise MeterError(f"answer from meter {telegram.id}, not {secondary}")
+                self.accepted += len(frame)
                 if self.on_answer is not None:
                     self.on_answer(secondary or target, frame, self.baudrate)
                 return telegram
@@ -1628,15 +1651,17 @@ class Bus:
             if telegrams and _same_reading(telegram, telegrams[-1]):
                 n = len(telegrams)
                 if telegram.access_number == telegrams[-1].access_number:
-                    raise BusError(f"telegram {n + 1} repeats telegram {n} although the FCB "
-                                   "was toggled: the meter ignores the FCB")  # fmt: skip
-                raise BusError(f"telegram {n + 1} repeats the records of telegram {n} and says "
-                               "more records follow again: the meter would never stop")  # fmt: skip
+                    raise MeterError(f"telegram {n + 1} repeats telegram {n} although the FCB "
+                                     "was toggled: the meter ignores the FCB")  # fmt: skip
+                raise MeterError(
+                    f"telegram {n + 1} repeats the records of telegram {n} and says more "
+                    "records follow again: the meter would never stop"
+                )
             telegrams.append(telegram)
             if not telegram.more_records_follow:
                 return merge_telegrams(telegrams)
             if len(telegrams) >= MAX_TELEGRAMS:
-                raise BusError(
+                raise MeterError(
                     f"still 'more records follow' after {MAX_TELEGRAMS} telegrams: gave up"
                 )
             fcb = not fcb
@@ -1686,106 +1711,150 @@ class Found(_Plain):
 PRIMARY_ADDRESSES = range(251)
 LATE_WINDOW = 1.0  # seconds a re-probe waits for a meter that answered after the window
 
-
-def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None) -> list:
-    """Probe each primary address with SND_NKE (one try, the standard's window) and
-    confirm each answer on a quiet line with a REQ_UD2 whose answer carries the address.
-
-    A byte that comes after its probe's window (waiting before the next probe, or an E5
-    whose REQ_UD2 stays unanswered) is never credited to a later address: the addresses
-    probed just before are probed again with a longer window, nearest first.  A
-    collision (several meters at one address: garbage where a frame should be) is
-    reported through ``note``, never as a meter.
-    """
-    note = note or (lambda text: None)
-    found: dict = {}  # address -> Found
-    probed: list = []  # (address, when its probe was sent), in order
-    for done, address in enumerate(addresses, 1):
-        if bus.pending():  # came after the previous probe's window
-            _find_late(bus, probed, found, note, bus.clock())
-        result = bus.probe(address)
-        probed.append((address, bus.sent_at))
-        if result != "silent":
-            came = bus.last_byte  # when what answered came: a late answer's probe was before
-            outcome, late = _confirm(bus, address)
-            if isinstance(outcome, Telegram):
-                found[address] = Found(outcome, bus.baudrate)
-            elif outcome == "collision":
-                note(f"address {address}: {COLLISION}")
-            if outcome == "silent" or (late and outcome != "collision"):  # a late answer
-                _find_late(bus, probed[:-1], found, note, came, also=address)
-        if progress:
-            progress(done, len(found))
-    if probed:  # a late answer to the last probes comes after them
-        came = bus.listen(probed[-1][1] + LATE_WINDOW)
-        if came is not None:
-            _find_late(bus, probed, found, note, came)
-    return [found[address] for address in sorted(found)]
-
-
-LOST = "a meter answered after the window and could not be found again: try --timeout 1"
+LOST = (
+    "a meter answered after the window and could not be found again within 1 s: it "
+    "answers later still, try a longer --timeout (2)"
+)
 COLLISION = (
-    "several meters answered at once (a collision): give them addresses of their own, "
-    "or find them with --scan-secondary"
+    "several meters answered at once (a collision), or one meter answers garbled: give "
+    "them addresses of their own, or find them with --scan-secondary"
 )
 
 
+def wake(bus: Bus) -> bool:
+    """SND_NKE to 254, tried again while nobody answers: a battery meter may miss the
+    first request after a long idle (libmbus #84); whether something answered.  When it
+    took more than one try, the answers of late meters to the tries before are let come
+    and go first (LATE_WINDOW), so that none lands in a scan's first windows."""
+    for attempt in range(1 + bus.retries):
+        if attempt:
+            bus.quiet()
+        if bus.probe(ADDRESS_ANY) != "silent":
+            if attempt:
+                bus.listen(bus.sent_at + LATE_WINDOW)
+            else:
+                bus.quiet()
+            return True
+    bus.listen(bus.sent_at + LATE_WINDOW)
+    return False
+
+
+def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None,
+                 found=None) -> list:  # fmt: skip
+    """Probe each primary address with SND_NKE (one try, the standard's window) and
+    confirm each answer on a quiet line with a REQ_UD2 whose answer carries the address.
+
+    An E5 that comes after its probe's window (waiting before the next probe, drained
+    before a REQ_UD2, or an E5 whose REQ_UD2 stays unanswered) is never credited to a
+    later address: every address probed within LATE_WINDOW before it is probed again
+    with that window, and a late meter that is not found that way is said lost.  A
+    collision (garbage where a frame should be) is reported through ``note``, never as a
+    meter.  ``found`` (address -> Found) may be given, to keep what was found when the
+    scan is stopped or the port fails.
+    """
+    note = note or (lambda text: None)
+    found = {} if found is None else found
+    probed: list = []  # (address, when its probe was sent), in order
+    state = {"searched": set(), "late": set(), "lost": False}
+    wake(bus)
+    # a late meter's answer to the wake-up may still come: nobody to look for then
+    state["settled"] = bus.sent_at + LATE_WINDOW
+    for done, address in enumerate(addresses, 1):
+        if ACK in bus.take_pending():  # came after the previous probe's window
+            _find_late(bus, probed, found, note, bus.clock(), state)
+        result = bus.probe(address)
+        probed.append((address, bus.sent_at))
+        if result != "silent":
+            came = bus.last_byte  # when it came: a late answer's probe was before
+            outcome, detail, late = _confirm(bus, address)
+            if outcome == "found":
+                found[address] = Found(detail, bus.baudrate)
+            elif outcome == "collision":
+                note(f"address {address}: {COLLISION}")
+            elif outcome == "failed":
+                note(f"address {address} answered SND_NKE, but not REQ_UD2: {detail}")
+            if (outcome == "silent" and result == "ack") or ACK in late:  # a late E5
+                _find_late(bus, probed[:-1], found, note, came, state, also=address)
+        if progress:
+            progress(done, len(found))
+    if probed:  # a late answer to the last probes comes after them
+        came = bus.listen(probed[-1][1] + LATE_WINDOW, want=ACK)
+        if came is not None:
+            _find_late(bus, probed, found, note, came, state)
+    return [found[address] for address in sorted(found)]
+
+
 def _confirm(bus: Bus, address: int) -> tuple:
-    """After an E5 (or garbage) at ``address``: (its reading, "collision" or "silent",
-    and how many bytes came after the E5 before the line was quiet)."""
-    late = bus.quiet()  # the rest of what answered must be over first
-    heard = bus.heard
+    """After an E5 (or garbage) at ``address``: ("found", its reading), ("collision",
+    None), ("failed", why: the meter answered, wrongly) or ("silent", None); and the
+    bytes that came after the E5 before the line was quiet."""
+    late = bus.quiet(keep=True)  # the rest of what answered must be over first
+    start, accepted = len(bus.received), bus.accepted
     try:
-        return bus.read_data(address), late
+        telegram = bus.read_data(address)
+        # bytes before the frame (an E5 that came late, somebody else's) count as late
+        before = bytes(bus.received[start : len(bus.received) - (bus.accepted - accepted)])
+        return "found", telegram, late + before
     except PortError:
         raise
+    except MeterError as exc:
+        return "failed", str(exc), late
     except BusError:
-        garbled = bus.heard > heard
-        bus.quiet()  # the rest of colliding answers is no late answer to the next probe
-        return ("collision" if garbled else "silent"), late
+        got = bytes(bus.received[start:])
+        late += bus.quiet(keep=True)  # the rest of colliding answers is no late answer
+        if got.strip(b"\xe5"):  # more than late E5s: answers that collide
+            return "collision", None, late
+        return "silent", None, late + got
 
 
-def _find_late(bus: Bus, probed: list, found: dict, note, came: float, also=None) -> None:
+def _find_late(bus, probed, found, note, came: float, state: dict, also=None) -> None:
     """Something answered at ``came``, after its probe's window: probe again, nearest
-    first, the addresses probed within LATE_WINDOW before, with that window, and stop at
-    the first that answers."""
+    first, every address probed within LATE_WINDOW before, with that window."""
     bus.quiet()
     recent = [a for a, sent in reversed(probed) if came - LATE_WINDOW <= sent <= came]
     candidates = ([also] if also is not None else []) + recent
     for address in candidates:
-        if address in found:
+        if address in found or address in state["searched"]:
             continue
+        state["searched"].add(address)
         if bus.probe(address, window=LATE_WINDOW) != "ack":
             continue
         delay = bus.last_byte - bus.sent_at
         saved, bus.timeout = bus.timeout, max(bus.timeout, LATE_WINDOW)
         try:
-            outcome, _ = _confirm(bus, address)
+            outcome, detail, _ = _confirm(bus, address)
         finally:
             bus.timeout = saved
-        if isinstance(outcome, Telegram):
-            found[address] = Found(outcome, bus.baudrate)
+        if outcome != "found":
+            continue
+        found[address] = Found(detail, bus.baudrate)
+        if delay > bus.timeout:  # late indeed (not a meter that answered in time)
+            state["late"].add(address)
             enough = math.ceil(delay * 10 + 1) / 10  # the delay and 0.1 s to spare
             note(f"address {address} answered {delay:.2f} s after the request, after the "
                  f"{bus.timeout:.3g} s window: try --timeout {enough:g}")  # fmt: skip
-            return
-    note(LOST)
+    explained = state["late"].intersection(candidates)  # a late meter found sent it
+    if not explained and came > state["settled"] and not state["lost"]:
+        state["lost"] = True
+        note(LOST)
 
 
-def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
+def scan_secondary(bus: Bus, progress=None, note=None, found=None) -> tuple:
     """Every meter by identification number: EN 13757-3's wildcard search.
 
     Select with the digits fixed so far and F for the rest (manufacturer, version and
-    medium FF): silence, none there; an E5 whose REQ_UD2 to 253 brings one clean frame,
-    one meter; garbage (or an E5 whose REQ_UD2 brings garbage), a collision: fix the next
-    digit and go deeper.  Deselects at the end.  Returns (found, number of probes).
+    medium FF): silence, none there; an E5 whose REQ_UD2 to 253 brings one clean frame
+    and nothing else, one meter; garbage (or an E5 whose REQ_UD2 brings garbage), a
+    collision: fix the next digit and go deeper.  A meter that answers the first
+    selection after the window makes the window longer for the whole search.  Deselects
+    at the end.  Returns (found, number of selections).
     """
     note = note or (lambda text: None)
-    found: list = []
+    found = [] if found is None else found
     probes = [0]
 
     def probe(mask: str):
-        """None (nobody), a Telegram (one meter) or "collision" (several)."""
+        """None (nobody), a Telegram (one meter), "collision" (several) or a MeterError."""
         probes[0] += 1
         result = bus.select(mask)
         if result == "silent":
@@ -1794,18 +1863,22 @@ def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
             retries, bus.retries = bus.retries, 0
             try:
                 for _ in range(1 + retries):  # silence is asked again, garbage is not
-                    heard = bus.heard
+                    start, accepted = len(bus.received), bus.accepted
                     try:
                         telegram = bus.read_data(ADDRESS_SECONDARY)
                     except PortError:
                         raise
+                    except MeterError as exc:
+                        return exc
                     except BusError:
-                        if bus.heard > heard:
+                        if len(bus.received) > start:
                             break  # garbage: several answered
                         continue
-                    if all(m in ("F", d) for m, d in zip(mask, telegram.id or "")):
+                    extra = len(bus.received) - start - (bus.accepted - accepted)
+                    ids = zip(mask, telegram.id or "")
+                    if extra <= 0 and all(m in ("F", d) for m, d in ids):
                         return telegram
-                    break  # a meter the mask does not match: not one clean answer
+                    break  # more than one clean frame, or a meter the mask does not match
                 else:
                     return None
             finally:
@@ -1813,26 +1886,43 @@ def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
         bus.quiet()
         return "collision"
 
+    def record(mask: str, outcome) -> None:
+        if isinstance(outcome, Telegram):
+            found.append(Found(outcome, bus.baudrate))
+        elif isinstance(outcome, MeterError):
+            note(f"the meter selected by {mask} answered, but wrongly: {outcome}")
+
     def search(prefix: str) -> None:
         for digit in "0123456789":
             mask = (prefix + digit).ljust(8, "F")
             outcome = probe(mask)
-            if isinstance(outcome, Telegram):
-                found.append(Found(outcome, bus.baudrate))
-            elif outcome == "collision":
+            record(mask, outcome)
+            if outcome == "collision":
                 if len(prefix) == 7:
-                    note(f"several meters share the id {mask}: tell them apart by primary "
-                         "address (--scan)")  # fmt: skip
+                    note(f"the answers for the id {mask} collide: several meters share it "
+                         "(tell them apart by primary address, --scan), or the meter "
+                         "answers garbled")  # fmt: skip
                 else:
                     search(prefix + digit)
             if progress:
                 progress(probes[0], len(found))
 
     try:
+        for _ in range(1 + bus.retries):  # everybody, until something answers (a
+            # sleepy meter misses the first request), listening for late answers as well
+            answered = bus.select("FFFFFFFF") != "silent"
+            sent = bus.sent_at
+            came = bus.listen(sent + LATE_WINDOW, want=ACK)
+            if came is not None:  # an E5 after the window: a longer window for the search
+                delay = came - sent
+                bus.timeout = max(bus.timeout, math.ceil(delay * 10 + 1) / 10)
+                note(f"a meter answered the selection {delay:.2f} s after the request, after "
+                     f"the window: searching with --timeout {bus.timeout:g}")  # fmt: skip
+            if answered or came is not None:
+                break
         outcome = probe("FFFFFFFF")
-        if isinstance(outcome, Telegram):
-            found.append(Found(outcome, bus.baudrate))
-        elif outcome == "collision":
+        record("FFFFFFFF", outcome)
+        if outcome == "collision":
             search("")
     finally:
         bus._deselect()
@@ -1842,12 +1932,14 @@ def scan_secondary(bus: Bus, progress=None, note=None) -> tuple:
 def rates_in_use(bus: Bus, rates) -> list:
     """The rates at which something answers SND_NKE to 254 (cleanly, garbled, or late:
     each rate is listened to for LATE_WINDOW, so a late answer is not taken for the next
-    rate's)."""
+    rate's), asked again while nothing answers (a sleepy meter)."""
     using = []
     for rate in rates:
         bus.set_baudrate(rate)
-        answered = bus.probe(ADDRESS_ANY) != "silent"
-        if bus.listen(bus.sent_at + LATE_WINDOW) is not None or answered:
+        answered = wake(bus)
+        # always to the end of the window: a late answer must not be the next rate's
+        late = bus.listen(bus.sent_at + LATE_WINDOW) is not None
+        if answered or late:
             using.append(rate)
     return using
 
@@ -3248,7 +3340,8 @@ def _report(readings: Sequence[Reading]) -> None:
 
 def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
     """--scan and --scan-secondary: one line per meter on stdout, then the settings for
-    /etc/default/kamstrup; collisions, late answers and progress on stderr."""
+    /etc/default/kamstrup; collisions, late answers and progress on stderr.  Stopped by
+    a signal or a failing port, it still lists the meters found so far."""
     rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
     try:
         port = open_port(url, rates[0])
@@ -3256,7 +3349,8 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
         _fail(str(exc))
         return 1
     notes: list = []
-    found: list = []
+    found: list = []  # Found, in the order found
+    failure = None  # (message, exit status) that ended the scan early
     try:
         bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
         if len(rates) > 1:
@@ -3266,32 +3360,45 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
                 return 1
         for rate in rates:
             bus.set_baudrate(rate)
+            if found and _answer_at(bus, found[0], secondary):  # a gateway ignores rates
+                notes.append(
+                    f"the meters answer at {rate} baud too (a network gateway, or meters "
+                    f"that detect the rate): not scanned again at {rate}"
+                )
+                continue
             what = f"{rate} baud" if len(rates) > 1 or baudrate == "auto" else ""
             if secondary:
                 with _Progress("selections", None, what) as progress:
-                    meters, probes = scan_secondary(bus, progress, notes.append)
+                    _, probes = scan_secondary(bus, progress, notes.append, found=found)
                 if log:
                     log(f"secondary search at {rate} baud: {probes} selections")
             else:
-                with _Progress("addresses", len(PRIMARY_ADDRESSES), what) as progress:
-                    meters = scan_primary(bus, progress=progress, note=notes.append)
-            found += meters
+                by_address: dict = {}
+                try:
+                    with _Progress("addresses", len(PRIMARY_ADDRESSES), what) as progress:
+                        scan_primary(bus, progress=progress, note=notes.append,
+                                     found=by_address)  # fmt: skip
+                finally:
+                    found += [by_address[a] for a in sorted(by_address)]
     except PortError as exc:
-        _fail(str(exc))
-        return 1
+        failure = (str(exc), 1)
+    except Stopped as exc:
+        failure = (f"stopped by {exc.name}", 128 + exc.signum)
     finally:
         _close(port)
+    found = _one_each(found)
     for text in notes:
         _fail(text)
     lines = [
-        f"address {f.telegram.address}  id {f.telegram.id}  manufacturer "
-        f"{f.telegram.manufacturer}  version {f.telegram.version}  medium "
-        f"{f.telegram.medium_name}  baudrate {f.baudrate}\n"
+        f"address {t.address}  id {t.id or '-'}  manufacturer {t.manufacturer or '-'}  "
+        f"version {'-' if t.version is None else t.version}  medium {t.medium_name}  "
+        f"baudrate {f.baudrate}\n"
         for f in found
+        for t in (f.telegram,)
     ]
     if found:
         ids = [f.telegram.id for f in found]
-        if secondary and len(set(ids)) == len(ids):
+        if secondary and None not in ids and len(set(ids)) == len(ids):
             addresses = " ".join(ids)
         else:
             addresses = " ".join(str(f.telegram.address) for f in found)
@@ -3303,12 +3410,39 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
     except OutputError as exc:
         _fail(str(exc))
         return 1
+    if failure is not None:
+        _fail(failure[0])
+        return failure[1]
     if not found:
         where = "by secondary address" if secondary else "on addresses 0-250"
         _fail(f"no meter answered {where}")
         return 1
-    # advice on a late meter that was found is no failure; a collision or a lost meter is
-    return 1 if any("several meters" in text or LOST in text for text in notes) else 0
+    # advice on a late meter that was found is no failure; a collision, a meter that
+    # answers wrongly, or a meter lost is
+    trouble = ("several meters", "answered, but", LOST, "collide")
+    return 1 if any(t in text for text in notes for t in trouble) else 0
+
+
+def _answer_at(bus: Bus, found: Found, secondary: bool) -> bool:
+    """Whether a meter found at another rate answers at the bus's rate too."""
+    telegram = found.telegram
+    if secondary and telegram.id:
+        answered = bus.select(telegram.id) == "ack"
+        bus._deselect()
+        return answered
+    return bus.probe(telegram.address) == "ack"
+
+
+def _one_each(found: list) -> list:
+    """One Found per meter (the first: a meter found at two rates is one meter)."""
+    seen = set()
+    out = []
+    for f in found:
+        key = (identity(f.telegram, f.telegram.address), f.telegram.address)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
 
 
 class _Progress:
@@ -3324,7 +3458,7 @@ class _Progress:
         self.next_line = time.monotonic() + self.EVERY
 
     def __enter__(self):
-        if sys.stderr.isatty():
+        if self.total and sys.stderr is not None and sys.stderr.isatty():
             label = f"Scanning {self.what}".strip()
             self.bar = click.progressbar(length=self.total or 0, label=label, file=sys.stderr)
             self.bar.__enter__()
@@ -3333,7 +3467,7 @@ class _Progress:
     def __call__(self, done: int, found: int) -> None:
         if self.bar is not None:
             self.bar.update(done - self.done)
-        elif time.monotonic() >= self.next_line:
+        elif sys.stderr is not None and time.monotonic() >= self.next_line:
             self.next_line = time.monotonic() + self.EVERY
             at = f" at {self.what}" if self.what else ""
             meters = "meter" if found == 1 else "meters"

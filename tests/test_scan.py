@@ -67,8 +67,9 @@ def test_primary_scan_at_the_standards_speed(baudrate):
     ]
     assert notes == []
     probed = [frame[2] for _, frame in port.sent if frame[:2] == b"\x10\x40"]
-    assert probed == list(range(251))
-    least = floor(baudrate, read_time(meter, baudrate))
+    assert probed == [254, *range(251)]  # one to wake a sleepy meter first
+    wake = kt.wire_seconds(6, baudrate) + meter.delay + 0.1  # its E5, then a quiet line
+    least = floor(baudrate, read_time(meter, baudrate)) + wake
     # what the algorithm costs beyond the floor: the answer's first byte (11 bits) per
     # probe, and at the end a listen for late answers to the last probes (the last wait
     # before each deadline is a select(), so no read overshoots it)
@@ -165,6 +166,15 @@ def test_rates_in_use_finds_the_rate_a_meter_hears():
     assert sent_at == list(kt.AUTO_RATES)
 
 
+def test_a_late_answer_at_one_rate_is_not_taken_for_the_next_rates():
+    """A meter 250 ms late at 9600: its E5 must not land in the 300-baud wake-up (a
+    five-minute scan at 300 baud for nothing)."""
+    meters = [sim.Meter(address=133, baudrate=9600), sim.Meter(address=60, baudrate=9600,
+                                                             delay=0.25)]  # fmt: skip
+    bus, _, _ = make_bus(meters)
+    assert kt.rates_in_use(bus, kt.AUTO_RATES) == [9600]
+
+
 def test_rates_in_use_counts_a_garbled_answer():
     """Two meters at 254 out of step: no clean E5, but something is there."""
     meters = [sim.Meter(address=1, delay=0.05), sim.Meter(address=2, delay=0.0520)]
@@ -180,7 +190,10 @@ def test_scan_auto_scans_only_where_something_answered(fake_bus_in_time):
     assert result.stdout.splitlines()[-2:] == ['KAMSTRUP_ADDRESS="133"', "KAMSTRUP_BAUDRATE=9600"]
     assert "baudrate 9600" in result.stdout.splitlines()[0]
     probes = [line for line in result.stderr.splitlines() if line.startswith("> 10 40")]
-    assert len(probes) == 3 + 251  # 254 at each rate, then one scan
+    to_254 = [line for line in probes if line == "> 10 40 FE 3E 16"]
+    # 254 at each rate (three tries where nobody answers), a wake-up, then one scan
+    assert len(to_254) == 3 + 1 + 3 + 1
+    assert len(probes) - len(to_254) == 251
 
 
 def test_once_auto_reads_each_meter_at_its_rate(fake_bus_in_time, tmp_path):
@@ -327,3 +340,143 @@ def test_wildcards_manufacturer_version_and_medium():
     assert not meter.matches(bytes.fromhex("FF FF 30 30 2D 2C 41 FF"))
     assert not meter.matches(bytes.fromhex("FF FF FF FF 01 02 FF FF"))
     assert not meter.matches(bytes.fromhex("31 30 30 30 FF FF FF FF"))
+
+
+# --- found by a hostile review ------------------------------------------------------------
+
+
+def scan(meters, baudrate=9600, echo=False, timeout=0.0, retries=2):
+    clock = sim.SimClock()
+    port = sim.FakePort(sim.SimulatedBus(meters, echo=echo), timeout=kt.READ_SLICE,
+                        clock=clock, baudrate=baudrate)  # fmt: skip
+    bus = kt.Bus(port, baudrate=baudrate, timeout=timeout, retries=retries)
+    bus.clock = clock
+    notes: list = []
+    found = kt.scan_primary(bus, note=notes.append)
+    return [f.telegram.address for f in found], notes, clock.now
+
+
+@pytest.mark.parametrize("baudrate, delay", [(9600, 0.6), (2400, 0.8), (9600, 0.3)])
+def test_every_late_meter_of_a_slow_gateway_is_found(baudrate, delay):
+    meters = [sim.Meter(address=a, ident=f"1000{a:04d}", delay=delay) for a in (100, 101, 104)]
+    found, notes, _ = scan(meters, baudrate)
+    assert found == [100, 101, 104], notes
+    assert not any(kt.COLLISION in n or kt.LOST in n for n in notes), notes
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    addresses=st.lists(st.integers(0, 250), min_size=1, max_size=3, unique=True),
+    delay=st.floats(0.1, 0.9),
+    baudrate=st.sampled_from([2400, 9600]),
+)
+def test_late_meters_are_found_or_said_lost_never_a_false_collision(addresses, delay, baudrate):
+    meters = [sim.Meter(address=a, ident=f"1000{a:04d}", delay=delay) for a in addresses]
+    found, notes, _ = scan(meters, baudrate)
+    assert set(found) <= set(addresses)  # never a phantom
+    assert not any(kt.COLLISION in n for n in notes), notes  # one meter an address
+    if set(found) != set(addresses):
+        assert any(kt.LOST in n for n in notes), (found, notes)  # never missed in silence
+
+
+def test_a_sleepy_meter_is_woken_before_the_scan():
+    found, notes, _ = scan([sim.Meter(address=48, fail_first=1)], 2400)
+    assert found == [48], notes
+
+
+def test_a_meter_that_answers_with_an_application_error_is_no_collision():
+    found, notes, _ = scan([sim.Meter(address=48, application_error=1)], 9600)
+    assert found == []
+    assert notes == [
+        "address 48 answered SND_NKE, but not REQ_UD2: meter reports an application "
+        "error: unimplemented CI field"
+    ]
+
+
+def test_a_scan_through_an_echoing_adapter_keeps_the_standards_speed():
+    _, _, took = scan([sim.Meter(address=48)], 9600, echo=True)
+    meter = sim.Meter(address=48)
+    least = floor(9600, read_time(meter, 9600))
+    assert took <= 1.10 * least
+
+
+def test_a_stray_byte_of_noise_is_no_late_meter():
+    """A lone 00 on the line 30 ms after the probe of address 30 (line noise)."""
+
+    class NoisyLine(sim.FakePort):
+        def write(self, data):
+            n = super().write(data)
+            if data == kt.snd_nke(30):
+                self.incoming.append((self.clock() + 0.03, 0x00))
+                self.incoming.sort()
+            return n
+
+    clock = sim.SimClock()
+    port = NoisyLine(sim.SimulatedBus([sim.Meter(address=48)]), timeout=kt.READ_SLICE,
+                     clock=clock, baudrate=9600)  # fmt: skip
+    bus = kt.Bus(port, baudrate=9600, timeout=0.0, retries=2)
+    bus.clock = clock
+    notes: list = []
+    found = kt.scan_primary(bus, note=notes.append)
+    assert [f.telegram.address for f in found] == [48]
+    assert notes == []
+
+
+def test_no_advice_on_a_meter_that_answered_in_time():
+    meters = [sim.Meter(address=101, ident="10000101", delay=0.325),
+              sim.Meter(address=102, ident="10000102")]  # fmt: skip
+    found, notes, _ = scan(meters, 9600)
+    assert found == [101, 102], notes
+    assert [n for n in notes if "answered 0.05 s" in n] == []
+
+
+def test_scan_auto_through_a_gateway_lists_each_meter_once(fake_bus_in_time):
+    """A network gateway (or a meter that detects the rate) answers at every rate."""
+    fake_bus_in_time.extend([sim.Meter(address=48), sim.Meter(address=133, ident="82937133")])
+    result = invoke(["--scan", "--baudrate", "auto"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-2:] == ['KAMSTRUP_ADDRESS="48 133"', "KAMSTRUP_BAUDRATE=2400"]
+    assert len(lines) == 4
+    assert "the meters answer at 9600 baud too (a network gateway" in result.stderr
+
+
+def test_scan_secondary_auto_through_a_gateway_lists_each_meter_once(fake_bus_in_time):
+    fake_bus_in_time.extend(three_on_one_address(baudrate=None))
+    result = invoke(["--scan-secondary", "--baudrate", "auto"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[-2] == 'KAMSTRUP_ADDRESS="71234567 82937133 82937134"'
+    assert len(result.stdout.splitlines()) == 5
+
+
+def test_secondary_search_with_a_late_meter_says_so_and_finds_it():
+    meters = [sim.Meter(address=0, ident="82937133"),
+              sim.Meter(address=0, ident="82937134", delay=0.3),
+              sim.Meter(address=0, ident="71234567")]  # fmt: skip
+    bus, _, _ = make_bus(meters, 9600)
+    notes = []
+    found, _ = kt.scan_secondary(bus, note=notes.append)
+    assert sorted(f.telegram.id for f in found) == ["71234567", "82937133", "82937134"]
+    assert any("searching with --timeout 0.5" in n for n in notes), notes
+
+
+def test_a_meter_without_an_id_does_not_break_the_scan_output(fake_bus_in_time):
+    class Headerless(sim.Meter):
+        def telegrams(self):  # CI 0x78: no header, so no id, manufacturer, version, medium
+            records = bytes.fromhex("04 06 9A 00 00 00")
+            return [sim._long(bytes((0x08, self.address, 0x78)) + records)]
+
+    fake_bus_in_time.append(Headerless(address=48))
+    for mode in ("--scan", "--scan-secondary"):
+        result = invoke([mode])
+        assert "Traceback" not in result.stderr
+        assert result.stdout.splitlines()[0].startswith("address 48  id -"), result.stdout
+
+
+def test_meters_found_before_the_adapter_went_away_are_listed(fake_bus_in_time):
+    fake_bus_in_time.extend([sim.Meter(address=5, ident="00000005"),
+                             sim.Meter(address=200, disconnect_at=20)])  # fmt: skip
+    result = invoke(["--scan"])
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[0].startswith("address 5  id 00000005")
+    assert "port failed while reading" in result.stderr

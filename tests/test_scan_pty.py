@@ -13,6 +13,7 @@ import pytest
 from tools import run_tool as tool
 
 import kamstrup_sim as sim
+import kamstrup_textfile as kt
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +44,7 @@ def test_scan_auto_finds_a_meter_at_9600_a_late_one_and_a_collision():
     assert notes == [
         "kamstrup_textfile.py: address 60 answered 0.25 s after the request, after the "
         "0.0844 s window: try --timeout 0.4",
-        "kamstrup_textfile.py: address 200: several meters answered at once (a collision): "
-        "give them addresses of their own, or find them with --scan-secondary",
+        f"kamstrup_textfile.py: address 200: {kt.COLLISION}",
     ]
     assert result.returncode == 1  # the collision is for the user to fix
     for progress in result.stderr.splitlines()[: -len(notes)]:
