@@ -3158,7 +3158,9 @@ Examples:
 @click.option(
     "--scan",
     is_flag=True,
-    help="Probe primary addresses 0-250 and list the meters that answer.",
+    help="Probe primary addresses 0-250 and list the meters that answer, with the "
+    "KAMSTRUP_* lines for /etc/default/kamstrup, on stdout (--address, --output, "
+    "--format and --label do not apply).",
 )
 @click.option(
     "--scan-secondary",
