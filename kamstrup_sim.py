@@ -22,6 +22,7 @@ adapter pulled mid-frame; and an echoing adapter (``--echo``).
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import socket
@@ -287,12 +288,47 @@ class SimulatedBus:
         return True
 
 
+def uart_receive(data: bytes, sent_rate: int, read_rate: int) -> list:
+    """What a UART set to ``read_rate`` reads of bytes sent back to back at ``sent_rate``
+    (both 8E1): (seconds from the first start bit to the end of each byte read, the
+    byte).  A receiver waits for a falling edge, takes it for a start bit if the line is
+    still low half a bit later, and samples the middle of each bit time; a byte with a
+    low stop bit (a framing error) is passed on as sampled, as Linux does when INPCK is
+    off (pyserial turns it off).  A meter's answer read at a faster rate turns into more
+    bytes of garbage; at a much slower rate a short answer vanishes, a long one leaves a
+    few bytes of garbage."""
+    levels = []  # the line in each bit the sender sends: start 0, 8 data, parity, stop 1
+    for byte in data:
+        bits = [(byte >> k) & 1 for k in range(8)]
+        levels += [0, *bits, sum(bits) & 1, 1]
+    sent_bit, read_bit = 1 / sent_rate, 1 / read_rate
+
+    def level(t: float) -> int:
+        i = math.floor(t / sent_bit + 1e-9)
+        return levels[i] if 0 <= i < len(levels) else 1  # idle after the last byte
+
+    out = []
+    i = 0
+    while i < len(levels):
+        if levels[i] == 1 or (i and levels[i - 1] == 0):
+            i += 1
+            continue
+        start = i * sent_bit  # a falling edge
+        if level(start + read_bit / 2):
+            i += 1
+            continue  # a glitch, no start bit
+        value = sum(level(start + (k + 1.5) * read_bit) << k for k in range(8))
+        out.append((start + 11 * read_bit, value))
+        i = max(i + 1, math.floor((start + 10.5 * read_bit) / sent_bit + 1e-9) + 1)
+    return out
+
+
 def _smear(answers: list, byte_time: float) -> list:
     """Answers sent at once, as the master hears them.  Where they overlap, the first
     bytes of two answers in step AND (a 0 bit from any slave wins on the wire: two E5s
     make one E5, a lone byte that looks valid); out of step they turn into garbage; and
     the later bytes of answers that overlap are framing errors (the slaves' clocks
-    drift apart within a few bytes), which Linux reads as 00."""
+    drift apart within a few bytes), garbage that we make 00."""
     events = sorted(
         (delay + i * byte_time, byte, i)
         for delay, data, _ in answers
@@ -350,8 +386,10 @@ class FakePort:
         self.bus = bus
         self.timeout = timeout
         self.clock = clock
-        self.baudrate = baudrate  # the master sets it; meters at another rate do not hear
-        self.incoming: list = []  # (arrival time, byte), in order
+        self._baudrate = baudrate  # the master sets it; meters at another rate do not hear
+        self.incoming: list = []  # (arrival time, byte) as the master's UART reads them
+        self.wire: list = []  # (arrival time, byte, rate sent at) still to come
+        self._view: set = set()  # the entries of incoming that are the wire's, as read
         self.line_free = 0.0  # when the last scheduled answer has left the meter
         self.hangup: float | None = None  # from this time on the line is gone
         self.written = bytearray()
@@ -365,6 +403,41 @@ class FakePort:
     @property
     def byte_time(self) -> float:
         return 11 / self.baudrate
+
+    @property
+    def baudrate(self) -> int:
+        return self._baudrate
+
+    @baudrate.setter
+    def baudrate(self, rate: int) -> None:
+        """A new rate: the bytes still on the wire, sent at the old one, are read as the
+        UART at the new rate reads them (see uart_receive)."""
+        self._baudrate = rate
+        if self.clock is None:
+            return
+        now = self.clock()
+        self.wire = [w for w in self.wire if w[0] > now]
+        # what has come stays; what is to come from the meters is read anew (other bytes,
+        # such as a test's noise, stay as they are)
+        self.incoming = [e for e in self.incoming if e[0] <= now or e not in self._view]
+        self._view = set()
+        runs: list = []  # back-to-back bytes sent at one rate: [rate, first end, bytes]
+        for when, byte, sent in self.wire:
+            if runs and runs[-1][0] == sent and when - runs[-1][3] < 11 / sent * 1.5:
+                runs[-1][2].append(byte)
+                runs[-1][3] = when
+            else:
+                runs.append([sent, when, bytearray((byte,)), when])
+        for sent, first, data, _ in runs:
+            begin = first - 11 / sent  # the first start bit
+            if sent == rate:
+                times = [begin + (i + 1) * 11 / sent for i in range(len(data))]
+                read = list(zip(times, data))
+            else:
+                read = [(begin + t, b) for t, b in uart_receive(data, sent, rate)]
+            self.incoming += read
+            self._view.update(read)
+        self.incoming.sort(key=lambda tb: tb[0])
 
     def _now(self) -> float:
         return self.clock() if self.clock is not None else 0.0
@@ -382,6 +455,9 @@ class FakePort:
                 times = [start + (i + 1) * self.byte_time for i in range(len(answer))]
                 self.line_free = times[-1] if times else start
             self.incoming.extend(zip(times, answer))
+            if self.clock is not None:
+                self.wire.extend((t, b, self.baudrate) for t, b in zip(times, answer))
+                self._view.update(zip(times, answer))
             if disconnect and self.hangup is None:
                 self.hangup = times[-1] if times else sent + delay
         return len(data)

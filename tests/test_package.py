@@ -51,6 +51,22 @@ def test_changelog_version_check_reads_the_newest_entry(tmp_path, monkeypatch):
     assert package.changelog_version() == "9.9.9"
 
 
+def test_license_file_is_the_licence_debian_copyright_gives():
+    """The project's LICENSE, setup.cfg and debian/copyright say the same licence."""
+    copyright_text = (DEBIAN / "copyright").read_text(encoding="utf-8")
+    paragraphs = copyright_text.split("\n\n")
+    own = next(p for p in paragraphs if p.startswith("Files: *\n"))
+    holder = re.search(r"^Copyright: 2026 (.+?) <", own, re.M).group(1)
+    assert "License: MIT" in own
+    text = next(p for p in paragraphs if p.startswith("License: MIT\n"))
+    body = "\n".join(line[1:].replace(".", "", 1) if line == " ." else line[1:]
+                      for line in text.splitlines()[1:])  # fmt: skip
+    license_file = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert license_file.startswith(f"MIT License\n\nCopyright (c) 2026 {holder}\n\n")
+    assert license_file.endswith(body.strip() + "\n")
+    assert re.search(r"^license = MIT$", (ROOT / "setup.cfg").read_text(), re.M)
+
+
 def test_source_is_debhelper_13_native():
     source, binary = control_paragraphs()
     assert source["Source"] == PACKAGE

@@ -322,6 +322,54 @@ def test_a_meter_at_another_rate_hears_garbage_and_stays_silent():
     assert bus.feed(bytes.fromhex("10 40 30 70 16"), rate=9600) == [(0.05, b"\xe5", False)]
 
 
+RATES = st.sampled_from([300, 600, 1200, 2400, 4800, 9600, 19200, 38400])
+
+
+@given(st.binary(min_size=1, max_size=40), RATES)
+def test_a_uart_at_the_senders_rate_reads_what_was_sent(data, rate):
+    """The UART model samples the line; at the sender's rate that gives the bytes back,
+    each at the end of its 11 bits."""
+    read = sim.uart_receive(data, rate, rate)
+    assert bytes(b for _, b in read) == data
+    assert [t for t, _ in read] == pytest.approx([(i + 1) * 11 / rate for i in range(len(data))])
+
+
+@given(st.binary(min_size=1, max_size=40), RATES, RATES)
+def test_a_uart_at_another_rate_reads_no_more_bytes_than_start_bits_it_saw(data, sent, rate):
+    read = sim.uart_receive(data, sent, rate)
+    levels = "".join("0" + f"{b:08b}"[::-1] + str(bin(b).count("1") & 1) + "1" for b in data)
+    assert len(read) <= ("1" + levels).count("10")  # every byte read begins at an edge
+    assert all(0 < t <= len(levels) / sent + 11 / rate for t, _ in read)
+    if sent >= 32 * rate and len(data) == 1:
+        assert read == []  # one byte far too fast: over before the start bit's middle
+
+
+def test_a_late_answer_read_after_the_master_changed_its_rate_is_garbage():
+    """An E5 at 2400 still on its way when the master goes to 9600 is read as the 9600
+    UART reads it (bytes of garbage); at the old rate it is an E5."""
+    for rate, expected in ((2400, b"\xe5"), (9600, None)):
+        bus, port, clock = make_bus([sim.Meter(address=48, delay=0.25)], baudrate=2400)
+        port.write(kt.snd_nke(48))
+        clock.now += 0.1  # the E5 comes at 0.27 s
+        port.baudrate = rate
+        clock.now += 1.0
+        got = port.read(10)
+        if expected is not None:
+            assert got == expected
+        else:
+            assert got and b"\xe5" not in got
+
+
+def test_a_late_answer_at_one_rate_is_not_garbage_at_the_next():
+    """Two meters at 2400, one a little late (200 ms): its E5 comes after the line was
+    quiet for 0.1 s, during the wake-up at 9600, read at that rate as garbage, which
+    must not make 9600 a rate in use (a needless scan at 9600)."""
+    meters = [sim.Meter(address=133, baudrate=2400),
+              sim.Meter(address=60, delay=0.2, baudrate=2400)]  # fmt: skip
+    bus, _, _ = make_bus(meters)
+    assert kt.rates_in_use(bus, kt.AUTO_RATES) == [2400]
+
+
 @pytest.mark.parametrize("c", [0x53, 0x73])
 def test_selection_with_either_fcb(c):
     meter = sim.Meter(address=48, ident="30303030")
