@@ -195,10 +195,11 @@ class SimulatedBus:
 
     def feed(self, data: bytes, rate: int | None = None) -> list:
         """Bytes from the master at ``rate`` (None: a gateway, every meter hears) ->
-        list of (seconds after the request, bytes, disconnect after?), in time order."""
+        list of (seconds after the request, bytes, disconnect after?), in time order (an
+        echo's time is negative: it comes back as the request goes out)."""
         out = []
-        if self.echo and data:
-            out.append((0.0, bytes(data), False))
+        if self.echo and data:  # heard back while it is sent: it began len(data) bytes ago
+            out.append((-len(data) * 11 / (rate or 2400), bytes(data), False))
         self.buffer += data
         while True:
             request = self._take_frame()
@@ -390,7 +391,7 @@ class FakePort:
         self.incoming: list = []  # (arrival time, byte) as the master's UART reads them
         self.wire: list = []  # (arrival time, byte, rate sent at) still to come
         self._view: set = set()  # the entries of incoming that are the wire's, as read
-        self.line_free = 0.0  # when the last scheduled answer has left the meter
+        self.drained = 0.0  # when the last byte written has left the master
         self.hangup: float | None = None  # from this time on the line is gone
         self.written = bytearray()
         self.sent: list = []  # (time, bytes) of each write
@@ -447,20 +448,33 @@ class FakePort:
         self.written += data
         self.sent.append((now, bytes(data)))
         sent = now + len(data) * self.byte_time if self.clock is not None else now
+        self.drained = max(self.drained, sent)
         for delay, answer, disconnect in self.bus.feed(bytes(data), rate=self.baudrate):
             if self.clock is None:
                 times = [now] * len(answer)
+                self.incoming.extend(zip(times, answer))
             else:
-                start = max(sent + delay, self.line_free)
+                start = sent + delay
                 times = [start + (i + 1) * self.byte_time for i in range(len(answer))]
-                self.line_free = times[-1] if times else start
-            self.incoming.extend(zip(times, answer))
-            if self.clock is not None:
                 self.wire.extend((t, b, self.baudrate) for t, b in zip(times, answer))
-                self._view.update(zip(times, answer))
+                self._arrive(list(zip(times, answer)))
             if disconnect and self.hangup is None:
                 self.hangup = times[-1] if times else sent + delay
         return len(data)
+
+    def _arrive(self, new: list) -> None:
+        """An answer's bytes on the line, each at its own time: where they overlap bytes
+        of another answer still to come (a late answer to an earlier request), both are
+        framing errors, here 00, as on a real line."""
+        ours = set(new) | self._view  # entries that are the meters' (not a test's noise)
+        merged: list = []  # [time, byte, the meters'?]
+        for when, byte in sorted(self.incoming + new, key=lambda tb: tb[0]):
+            entry = [when, byte, (when, byte) in ours]
+            if merged and when - merged[-1][0] < self.byte_time - 1e-9:
+                merged[-1][1] = entry[1] = 0x00
+            merged.append(entry)
+        self.incoming = [(when, byte) for when, byte, _ in merged]
+        self._view = {(when, byte) for when, byte, mine in merged if mine}
 
     @property
     def in_waiting(self) -> int:
@@ -520,7 +534,10 @@ class FakePort:
         self.incoming = [(t, b) for t, b in self.incoming if t > now]
 
     def flush(self) -> None:
-        pass
+        """pyserial's flush() is tcdrain(): it returns once the bytes have left (on a
+        UART; a pty or a USB adapter returns sooner)."""
+        if self.clock is not None:
+            self.clock.now = max(self.clock.now, self.drained)
 
     def close(self) -> None:
         self.closed = True

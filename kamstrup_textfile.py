@@ -1391,14 +1391,15 @@ class Bus:
             self._io("discarding old input", reset)
         if self.log:
             self.log(f"> {frame.hex(' ').upper()}")
+        written = self.clock()
         self._io("writing", self.port.write, frame)
         flush = getattr(self.port, "flush", None)
         if flush is not None:
             self._io("writing", flush)
         # The slave's time starts once the request has left; its answer's first byte is
-        # in once its own 11 bits are.  (flush() waits for the wire on a real UART, not
-        # on a pty or a USB adapter: counting the request again costs a few ms at most.)
-        self.sent_at = self.clock() + wire_seconds(len(frame), self.baudrate)
+        # in once its own 11 bits are.  flush() (tcdrain) waits for the wire on a UART,
+        # not on a pty or most USB adapters: the later of the two, never both.
+        self.sent_at = max(self.clock(), written + wire_seconds(len(frame), self.baudrate))
         window = self.timeout if timeout is None else timeout
         self._deadline = self.sent_at + wire_seconds(1, self.baudrate) + window
         # however the bytes come, no answer lasts longer than the longest frame (twice,
@@ -1532,6 +1533,18 @@ class Bus:
                 if first is None and (want is None or want in chunk):
                     first = self.clock()
         return first
+
+    def gather(self, until: float) -> bytes:
+        """What comes until ``until``, then until the line is quiet (see quiet)."""
+        got = bytearray()
+        while self.clock() < until:
+            chunk = self._read(LONGEST_ANSWER, until)
+            if chunk is None:
+                break
+            got += chunk
+        if got:
+            self._trace("late", got)
+        return bytes(got) + self.quiet(keep=True)
 
     def take_pending(self) -> bytes:
         """The bytes that have come since the last answer was taken, without waiting."""
@@ -1719,6 +1732,11 @@ COLLISION = (
     "several meters answered at once (a collision), or one meter answers garbled: give "
     "them addresses of their own, or find them with --scan-secondary"
 )
+WRONG = "answered SND_NKE, but not REQ_UD2"  # a meter there that cannot be read
+WRONG_SELECTED = "answered, but wrongly"
+SHARED_ID = "several meters share it"
+# what a scan says that fails it (advice on a late meter that was found does not)
+FAILING = (COLLISION, WRONG, WRONG_SELECTED, SHARED_ID, LOST)
 
 
 def wake(bus: Bus) -> bool:
@@ -1772,9 +1790,15 @@ def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None
             elif outcome == "collision":
                 note(f"address {address}: {COLLISION}")
             elif outcome == "failed":
-                note(f"address {address} answered SND_NKE, but not REQ_UD2: {detail}")
-            if (outcome == "silent" and result == "ack") or ACK in late:  # a late E5
+                note(f"address {address} {WRONG}: {detail}")
+            if outcome == "collision":
+                pass  # E5s that came with it are the colliding meters'
+            elif (outcome == "silent" and result == "ack") or ACK in late:  # a late E5
                 _find_late(bus, probed[:-1], found, note, came, state, also=address)
+            elif outcome == "found" and late.strip(b"\x00"):
+                # garbage before a clean frame: a late E5 may have met the frame on the
+                # line (and be 00s now); look, but a meter not found is no news then
+                _find_late(bus, probed[:-1], found, note, came, state, sure=False)
         if progress:
             progress(done, len(found))
     if probed:  # a late answer to the last probes comes after them
@@ -1790,11 +1814,18 @@ def _confirm(bus: Bus, address: int) -> tuple:
     bytes that came after the E5 before the line was quiet."""
     late = bus.quiet(keep=True)  # the rest of what answered must be over first
     start, accepted = len(bus.received), bus.accepted
+    # a late meter's answer must not meet our next try on the line: wait for it as long
+    # as for a late E5 (this costs nothing when the meter answers in time)
+    saved, bus.timeout = bus.timeout, max(bus.timeout, LATE_WINDOW)
     try:
         telegram = bus.read_data(address)
         # bytes before the frame (an E5 that came late, somebody else's) count as late
         before = bytes(bus.received[start : len(bus.received) - (bus.accepted - accepted)])
-        return "found", telegram, late + before
+        # a second meter at this address may answer later than the first, after its frame
+        after = bus.gather(bus.sent_at + LATE_WINDOW)
+        if after.strip(b"\xe5"):
+            return "collision", None, late + before
+        return "found", telegram, late + before + after
     except PortError:
         raise
     except MeterError as exc:
@@ -1805,11 +1836,15 @@ def _confirm(bus: Bus, address: int) -> tuple:
         if got.strip(b"\xe5"):  # more than late E5s: answers that collide
             return "collision", None, late
         return "silent", None, late + got
+    finally:
+        bus.timeout = saved
 
 
-def _find_late(bus, probed, found, note, came: float, state: dict, also=None) -> None:
+def _find_late(bus, probed, found, note, came: float, state: dict, also=None,
+               sure=True) -> None:  # fmt: skip
     """Something answered at ``came``, after its probe's window: probe again, nearest
-    first, every address probed within LATE_WINDOW before, with that window."""
+    first, every address probed within LATE_WINDOW before, with that window.  Not
+    ``sure`` that it was an answer (garbage), a meter not found is not said lost."""
     bus.quiet()
     recent = [a for a, sent in reversed(probed) if came - LATE_WINDOW <= sent <= came]
     candidates = ([also] if also is not None else []) + recent
@@ -1820,11 +1855,7 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None) ->
         if bus.probe(address, window=LATE_WINDOW) != "ack":
             continue
         delay = bus.last_byte - bus.sent_at
-        saved, bus.timeout = bus.timeout, max(bus.timeout, LATE_WINDOW)
-        try:
-            outcome, detail, _ = _confirm(bus, address)
-        finally:
-            bus.timeout = saved
+        outcome, detail, _ = _confirm(bus, address)
         if outcome != "found":
             continue
         found[address] = Found(detail, bus.baudrate)
@@ -1834,7 +1865,7 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None) ->
             note(f"address {address} answered {delay:.2f} s after the request, after the "
                  f"{bus.timeout:.3g} s window: try --timeout {enough:g}")  # fmt: skip
     explained = state["late"].intersection(candidates)  # a late meter found sent it
-    if not explained and came > state["settled"] and not state["lost"]:
+    if sure and not explained and came > state["settled"] and not state["lost"]:
         state["lost"] = True
         note(LOST)
 
@@ -1857,6 +1888,7 @@ def scan_secondary(bus: Bus, progress=None, note=None, found=None) -> tuple:
         """None (nobody), a Telegram (one meter), "collision" (several) or a MeterError."""
         probes[0] += 1
         result = bus.select(mask)
+        selected_at = bus.sent_at
         if result == "silent":
             return None
         if result == "ack":  # one meter, or several in step: the REQ_UD2 to 253 tells
@@ -1875,6 +1907,10 @@ def scan_secondary(bus: Bus, progress=None, note=None, found=None) -> tuple:
                             break  # garbage: several answered
                         continue
                     extra = len(bus.received) - start - (bus.accepted - accepted)
+                    # a meter that answers the selection or the REQ_UD2 later than the
+                    # first is heard after its frame: wait out both windows
+                    until = max(selected_at, bus.sent_at) + bus.timeout
+                    extra += len(bus.gather(until + wire_seconds(1, bus.baudrate)))
                     ids = zip(mask, telegram.id or "")
                     if extra <= 0 and all(m in ("F", d) for m, d in ids):
                         return telegram
@@ -1890,7 +1926,7 @@ def scan_secondary(bus: Bus, progress=None, note=None, found=None) -> tuple:
         if isinstance(outcome, Telegram):
             found.append(Found(outcome, bus.baudrate))
         elif isinstance(outcome, MeterError):
-            note(f"the meter selected by {mask} answered, but wrongly: {outcome}")
+            note(f"the meter selected by {mask} {WRONG_SELECTED}: {outcome}")
 
     def search(prefix: str) -> None:
         for digit in "0123456789":
@@ -1899,7 +1935,7 @@ def scan_secondary(bus: Bus, progress=None, note=None, found=None) -> tuple:
             record(mask, outcome)
             if outcome == "collision":
                 if len(prefix) == 7:
-                    note(f"the answers for the id {mask} collide: several meters share it "
+                    note(f"the answers for the id {mask} collide: {SHARED_ID} "
                          "(tell them apart by primary address, --scan), or the meter "
                          "answers garbled")  # fmt: skip
                 else:
@@ -3415,14 +3451,12 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
     if failure is not None:
         _fail(failure[0])
         return failure[1]
+    failing = any(f in text for text in notes for f in FAILING)
     if not found:
         where = "by secondary address" if secondary else "on addresses 0-250"
-        _fail(f"no meter answered {where}")
+        _fail(f"no meter {'could be read' if failing else 'answered'} {where}")
         return 1
-    # advice on a late meter that was found is no failure; a collision, a meter that
-    # answers wrongly, or a meter lost is
-    trouble = ("several meters", "answered, but", LOST, "collide")
-    return 1 if any(t in text for text in notes for t in trouble) else 0
+    return 1 if failing else 0
 
 
 def _answer_at(bus: Bus, found: Found, secondary: bool) -> bool:

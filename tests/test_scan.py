@@ -71,9 +71,10 @@ def test_primary_scan_at_the_standards_speed(baudrate):
     wake = kt.wire_seconds(6, baudrate) + meter.delay + 0.1  # its E5, then a quiet line
     least = floor(baudrate, read_time(meter, baudrate)) + wake
     # what the algorithm costs beyond the floor: the answer's first byte (11 bits) per
-    # probe, and at the end a listen for late answers to the last probes (the last wait
-    # before each deadline is a select(), so no read overshoots it)
-    extra = 251 * kt.wire_seconds(1, baudrate) + kt.LATE_WINDOW + 1e-6
+    # probe, a listen after the found meter's frame for a second meter at its address
+    # that answers later, and at the end a listen for late answers to the last probes
+    # (the last wait before each deadline is a select(), so no read overshoots it)
+    extra = 251 * kt.wire_seconds(1, baudrate) + 2 * kt.LATE_WINDOW + 1e-6
     assert least <= clock.now <= least + extra
     assert clock.now <= 1.10 * least
 
@@ -322,6 +323,25 @@ def test_a_meter_at_another_rate_hears_garbage_and_stays_silent():
     assert bus.feed(bytes.fromhex("10 40 30 70 16"), rate=9600) == [(0.05, b"\xe5", False)]
 
 
+def test_answers_to_different_requests_overlap_on_the_line():
+    """A late answer to one request and a prompt one to the next meet on the wire: where
+    their bytes overlap both are framing errors (00); nothing waits for a free line."""
+    late, prompt = sim.Meter(address=1, delay=0.3), sim.Meter(address=2)
+    bus, port, clock = make_bus([late, prompt], baudrate=2400)
+    port.write(kt.snd_nke(1))
+    clock.now += 0.252
+    port.write(kt.snd_nke(2))  # its E5 comes 2 ms before the late one's has ended
+    clock.now += 1.0
+    assert port.read(10) == b"\x00\x00"
+
+
+def test_flush_waits_until_the_request_has_left_as_tcdrain_does():
+    bus, port, clock = make_bus([], baudrate=2400)
+    port.write(bytes(10))
+    port.flush()
+    assert clock.now == pytest.approx(10 * 11 / 2400)
+
+
 RATES = st.sampled_from([300, 600, 1200, 2400, 4800, 9600, 19200, 38400])
 
 
@@ -441,6 +461,28 @@ def test_a_meter_that_answers_with_an_application_error_is_no_collision():
     ]
 
 
+def test_a_scan_with_a_meter_that_answers_wrongly_fails(fake_bus_in_time):
+    """Found meters are listed, but the run fails: a meter on the bus cannot be read."""
+    fake_bus_in_time += [sim.Meter(address=7, ident="00000007", application_error=1),
+                         sim.Meter(address=48, ident="82937133")]  # fmt: skip
+    result = invoke(["--scan", "--baudrate", "9600"])
+    assert result.stdout.splitlines()[-2:] == ['KAMSTRUP_ADDRESS="48"', "KAMSTRUP_BAUDRATE=9600"]
+    assert "address 7 answered SND_NKE, but not REQ_UD2: " in result.stderr
+    assert result.exit_code == 1
+
+
+def test_a_scan_where_only_a_wrong_answering_meter_is_says_none_could_be_read(
+    fake_bus_in_time,
+):
+    fake_bus_in_time.append(sim.Meter(address=7, ident="00000007", application_error=1))
+    result = invoke(["--scan", "--baudrate", "9600"])
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        "kamstrup-textfile: no meter could be read on addresses 0-250"
+    )
+
+
 def test_a_scan_through_an_echoing_adapter_keeps_the_standards_speed():
     _, _, took = scan([sim.Meter(address=48)], 9600, echo=True)
     meter = sim.Meter(address=48)
@@ -476,6 +518,41 @@ def test_no_advice_on_a_meter_that_answered_in_time():
     found, notes, _ = scan(meters, 9600)
     assert found == [101, 102], notes
     assert [n for n in notes if "answered 0.05 s" in n] == []
+
+
+@pytest.mark.parametrize("baudrate, delays", [(2400, (0.03, 0.10)), (9600, (0.02, 0.05))])
+def test_two_meters_at_one_address_in_time_are_a_collision_and_nothing_else(baudrate, delays):
+    """Both answer within the window, one after the other: the second E5 is theirs, no
+    late meter to look for (no 1 s re-probes, no "lost" advice)."""
+    meters = [sim.Meter(address=100, ident="11111111", delay=delays[0]),
+              sim.Meter(address=100, ident="22222222", delay=delays[1], kind="403"),
+              sim.Meter(address=48, ident="48484848")]  # fmt: skip
+    found, notes, took = scan(meters, baudrate)
+    assert found == [48]
+    assert notes == [f"address 100: {kt.COLLISION}"]
+    assert took <= 1.10 * floor(baudrate) + 3 * kt.LATE_WINDOW
+
+
+@pytest.mark.parametrize("baudrate", [2400, 9600])
+def test_two_meters_at_one_address_one_late_are_a_collision_there(baudrate):
+    """The late one's answers come after the prompt one's frame: a collision at 100, not a
+    meter, and nothing blamed on 101."""
+    meters = [sim.Meter(address=100, ident="11111111", kind="403"),
+              sim.Meter(address=100, ident="22222222", kind="403", delay=0.3),
+              sim.Meter(address=101, ident="10101010")]  # fmt: skip
+    found, notes, _ = scan(meters, baudrate)
+    assert found == [101]
+    assert f"address 100: {kt.COLLISION}" in notes
+    assert not any(n.startswith("address 101") for n in notes), notes
+
+
+def test_secondary_search_with_a_prompt_and_a_late_meter_finds_both():
+    meters = [sim.Meter(address=0, ident="11111111"),
+              sim.Meter(address=0, ident="22222222", delay=0.3)]  # fmt: skip
+    bus, _, _ = make_bus(meters, 9600)
+    notes: list = []
+    found, _ = kt.scan_secondary(bus, note=notes.append)
+    assert sorted(f.telegram.id for f in found) == ["11111111", "22222222"]
 
 
 def test_scan_auto_through_a_gateway_lists_each_meter_once(fake_bus_in_time):
