@@ -1735,8 +1735,9 @@ COLLISION = (
 WRONG = "answered SND_NKE, but not REQ_UD2"  # a meter there that cannot be read
 WRONG_SELECTED = "answered, but wrongly"
 SHARED_ID = "several meters share it"
+MIXED_RATES = "--once reads one rate per address: give them addresses of their own"
 # what a scan says that fails it (advice on a late meter that was found does not)
-FAILING = (COLLISION, WRONG, WRONG_SELECTED, SHARED_ID, LOST)
+FAILING = (COLLISION, WRONG, WRONG_SELECTED, SHARED_ID, LOST, MIXED_RATES)
 
 
 def wake(bus: Bus) -> bool:
@@ -3381,12 +3382,16 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
     /etc/default/kamstrup; collisions, late answers and progress on stderr.  Stopped by
     a signal or a failing port, it still lists the meters found so far."""
     rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
+    notes: list = []
+    if len(rates) > 1 and url.startswith("socket://"):
+        rates = rates[:1]
+        notes.append("a network gateway (socket://) talks to the meters at its own rate: "
+                     "scanned once")  # fmt: skip
     try:
         port = open_port(url, rates[0])
     except BusError as exc:
         _fail(str(exc))
         return 1
-    notes: list = []
     found: list = []  # Found, in the order found
     failure = None  # (message, exit status) that ended the scan early
     try:
@@ -3396,15 +3401,9 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
             if not rates:
                 _fail(f"nothing answered at {', '.join(map(str, AUTO_RATES))} baud")
                 return 1
-        for rate in rates:
+        for rate in rates:  # each one in full: a meter may be at that rate only
             bus.set_baudrate(rate)
-            if found and _answer_at(bus, found[0], secondary):  # a gateway ignores rates
-                notes.append(
-                    f"the meters answer at {rate} baud too (a network gateway, or meters "
-                    f"that detect the rate): not scanned again at {rate}"
-                )
-                continue
-            what = f"{rate} baud" if len(rates) > 1 or baudrate == "auto" else ""
+            what = f"{rate} baud" if len(rates) > 1 else ""
             if secondary:
                 with _Progress("selections", None, what) as progress:
                     _, probes = scan_secondary(bus, progress, notes.append, found=found)
@@ -3424,7 +3423,7 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
         failure = (f"stopped by {exc.name}", 128 + exc.signum)
     finally:
         _close(port)
-    found = _one_each(found)
+    found = _one_each(found, notes)
     for text in notes:
         _fail(text)
     lines = [
@@ -3439,7 +3438,7 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
         if secondary and None not in ids and len(set(ids)) == len(ids):
             addresses = " ".join(ids)
         else:
-            addresses = " ".join(str(f.telegram.address) for f in found)
+            addresses = " ".join(dict.fromkeys(str(f.telegram.address) for f in found))
         used = sorted({f.baudrate for f in found})
         lines.append(f'KAMSTRUP_ADDRESS="{addresses}"\n')
         lines.append(f"KAMSTRUP_BAUDRATE={used[0] if len(used) == 1 else 'auto'}\n")
@@ -3459,54 +3458,67 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
     return 1 if failing else 0
 
 
-def _answer_at(bus: Bus, found: Found, secondary: bool) -> bool:
-    """Whether a meter found at another rate answers at the bus's rate too."""
-    telegram = found.telegram
-    if secondary and telegram.id:
-        answered = bus.select(telegram.id) == "ack"
-        bus._deselect()
-        return answered
-    return bus.probe(telegram.address) == "ack"
-
-
-def _one_each(found: list) -> list:
-    """One Found per meter (the first: a meter found at two rates is one meter)."""
-    seen = set()
-    out = []
+def _one_each(found: list, notes: list) -> list:
+    """One Found per meter, at the first rate it answered at (a meter that detects the
+    rate answers at each, and is said so); an address that different meters use at
+    different rates is said so too (--once reads one rate per address)."""
+    rates: dict = {}  # meter -> where it was found, at each rate
     for f in found:
         key = (identity(f.telegram, f.telegram.address), f.telegram.address)
-        if key not in seen:
-            seen.add(key)
-            out.append(f)
+        rates.setdefault(key, []).append(f)
+    out = [fs[0] for fs in rates.values()]
+    for (_, address), fs in rates.items():
+        if len(fs) > 1:
+            said = [str(f.baudrate) for f in fs]
+            said = ", ".join(said[:-1]) + " and " + said[-1]
+            notes.append(f"address {address} answered at {said} baud (it detects the "
+                         f"rate): listed at {fs[0].baudrate}")  # fmt: skip
+    at: dict = {}  # address -> the rates of the meters listed there
+    for f in out:
+        at.setdefault(f.telegram.address, set()).add(f.baudrate)
+    for address, used in at.items():
+        if len(used) > 1:
+            said = " and ".join(map(str, sorted(used)))
+            notes.append(f"address {address} is used at {said} baud by different meters: "
+                         f"{MIXED_RATES}")  # fmt: skip
     return out
 
 
 class _Progress:
-    """click's progress bar on a terminal; elsewhere (a journal, a pipe) a line every
-    10 s, e.g. "scanned 120 of 251 addresses, 1 meter found"."""
+    """click's progress bar on a terminal (a count kept on one line where the total is
+    not known: the secondary search); elsewhere (a journal, a pipe) a line every 10 s,
+    e.g. "scanned 120 of 251 addresses, 1 meter found"."""
 
     EVERY = 10.0
 
     def __init__(self, unit: str, total, what: str):
         self.unit, self.total, self.what = unit, total, what
         self.bar = None
+        self.counting = False  # the count on one line of a terminal
         self.done = 0
         self.next_line = time.monotonic() + self.EVERY
 
     def __enter__(self):
-        if self.total and sys.stderr is not None and sys.stderr.isatty():
+        if sys.stderr is not None and sys.stderr.isatty():
             label = f"Scanning {self.what}".strip()
-            self.bar = click.progressbar(length=self.total or 0, label=label, file=sys.stderr)
-            self.bar.__enter__()
+            if self.total:
+                self.bar = click.progressbar(length=self.total, label=label, file=sys.stderr)
+                self.bar.__enter__()
+            else:
+                self.counting = True
         return self
 
     def __call__(self, done: int, found: int) -> None:
+        meters = "meter" if found == 1 else "meters"
         if self.bar is not None:
             self.bar.update(done - self.done)
+        elif self.counting:
+            at = f" at {self.what}" if self.what else ""
+            click.echo(f"\rSearching{at}: {done} {self.unit}, {found} {meters} found",
+                       err=True, nl=False)  # fmt: skip
         elif sys.stderr is not None and time.monotonic() >= self.next_line:
             self.next_line = time.monotonic() + self.EVERY
             at = f" at {self.what}" if self.what else ""
-            meters = "meter" if found == 1 else "meters"
             if self.total:
                 click.echo(f"scanned {done} of {self.total} {self.unit}{at}, {found} {meters} "
                            "found", err=True)  # fmt: skip
@@ -3517,6 +3529,8 @@ class _Progress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.__exit__(*exc)
+        elif self.counting and self.done:
+            click.echo("", err=True)  # end the count's line
         return False
 
 

@@ -5,6 +5,9 @@ Through a paced pty the same is in test_sim_paths.py (slow)."""
 
 from __future__ import annotations
 
+import io
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -146,6 +149,29 @@ def test_progress_is_a_line_every_ten_seconds_off_a_terminal(fake_bus_in_time):
     assert lines[-1].endswith(" of 251 addresses, 1 meter found")
     numbers = [int(line.split()[1]) for line in lines]
     assert numbers == sorted(numbers) and 40 <= numbers[0] <= 52
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_on_a_terminal_is_a_bar_or_a_count_on_one_line(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with kt._Progress("selections", None, "9600 baud") as progress:  # no total known
+        progress(5, 1)
+        progress(6, 2)
+    assert terminal.getvalue() == (
+        "\rSearching at 9600 baud: 5 selections, 1 meter found"
+        "\rSearching at 9600 baud: 6 selections, 2 meters found\n"
+    )
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with kt._Progress("addresses", 251, "") as progress:
+        assert progress.bar is not None
+        progress(251, 0)
+    assert "Scanning" in terminal.getvalue() and "100%" in terminal.getvalue()
 
 
 def test_nothing_on_the_bus(fake_bus_in_time):
@@ -555,15 +581,61 @@ def test_secondary_search_with_a_prompt_and_a_late_meter_finds_both():
     assert sorted(f.telegram.id for f in found) == ["11111111", "22222222"]
 
 
-def test_scan_auto_through_a_gateway_lists_each_meter_once(fake_bus_in_time):
-    """A network gateway (or a meter that detects the rate) answers at every rate."""
+def test_scan_auto_with_meters_that_detect_the_rate_lists_each_once(fake_bus_in_time):
+    """Meters that answer at every rate are scanned at every rate (another meter may
+    be at one of them only) and listed once, at the first."""
     fake_bus_in_time.extend([sim.Meter(address=48), sim.Meter(address=133, ident="82937133")])
     result = invoke(["--scan", "--baudrate", "auto"])
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[-2:] == ['KAMSTRUP_ADDRESS="48 133"', "KAMSTRUP_BAUDRATE=2400"]
     assert len(lines) == 4
-    assert "the meters answer at 9600 baud too (a network gateway" in result.stderr
+    assert "address 133 answered at 2400, 9600 and 300 baud (it detects the rate)" in (
+        result.stderr
+    )
+
+
+def test_scan_auto_finds_a_fixed_rate_meter_beside_one_that_detects_the_rate(
+    fake_bus_in_time,
+):
+    fake_bus_in_time.extend([sim.Meter(address=5, ident="00000005"),
+                             sim.Meter(address=7, ident="00000007", baudrate=9600)])  # fmt: skip
+    result = invoke(["--scan", "--baudrate", "auto"])
+    assert result.exit_code == 0, result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines()[:-2]] == ["5", "7"]
+    assert result.stdout.splitlines()[-2:] == ['KAMSTRUP_ADDRESS="5 7"', "KAMSTRUP_BAUDRATE=auto"]
+
+
+def test_scan_auto_finds_meters_of_two_rates_at_one_address(fake_bus_in_time):
+    fake_bus_in_time.extend([sim.Meter(address=1, ident="00000001", baudrate=2400),
+                             sim.Meter(address=1, ident="10000001", baudrate=9600),
+                             sim.Meter(address=9, ident="00000009", baudrate=9600)])  # fmt: skip
+    result = invoke(["--scan", "--baudrate", "auto"])
+    found = [(line.split()[1], line.split()[3], line.split()[-1])
+             for line in result.stdout.splitlines()[:-2]]  # fmt: skip
+    assert found == [
+        ("1", "00000001", "2400"),
+        ("1", "10000001", "9600"),
+        ("9", "00000009", "9600"),
+    ]
+    assert result.stdout.splitlines()[-2] == 'KAMSTRUP_ADDRESS="1 9"'
+    assert "address 1 is used at 2400 and 9600 baud" in result.stderr
+    assert result.exit_code == 1  # --once cannot read both: for the user to fix
+
+
+def test_scan_auto_through_a_network_gateway_scans_once(fake_bus_in_time):
+    """socket://: the gateway talks to the meters at its own rate; ours goes nowhere."""
+    fake_bus_in_time.extend([sim.Meter(address=48), sim.Meter(address=133, ident="82937133")])
+    result = invoke(["--scan", "--baudrate", "auto", "--port", "socket://192.0.2.10:10001",
+                     "-v"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == [
+        'KAMSTRUP_ADDRESS="48 133"',
+        "KAMSTRUP_BAUDRATE=2400",
+    ]
+    assert "a network gateway (socket://) talks to the meters at its own rate" in result.stderr
+    probes = [line for line in result.stderr.splitlines() if line.startswith("> 10 40")]
+    assert len(probes) == 1 + 251  # the wake-up and one scan
 
 
 def test_scan_secondary_auto_through_a_gateway_lists_each_meter_once(fake_bus_in_time):
