@@ -3383,7 +3383,8 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
     a signal or a failing port, it still lists the meters found so far."""
     rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
     notes: list = []
-    if len(rates) > 1 and url.startswith("socket://"):
+    gateway = url.startswith("socket://")
+    if len(rates) > 1 and gateway:
         rates = rates[:1]
         notes.append("a network gateway (socket://) talks to the meters at its own rate: "
                      "scanned once")  # fmt: skip
@@ -3403,7 +3404,7 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
                 return 1
         for rate in rates:  # each one in full: a meter may be at that rate only
             bus.set_baudrate(rate)
-            what = f"{rate} baud" if len(rates) > 1 else ""
+            what = f"{rate} baud" if baudrate == "auto" and not gateway else ""
             if secondary:
                 with _Progress("selections", None, what) as progress:
                     _, probes = scan_secondary(bus, progress, notes.append, found=found)
