@@ -1822,8 +1822,12 @@ def _confirm(bus: Bus, address: int) -> tuple:
         telegram = bus.read_data(address)
         # bytes before the frame (an E5 that came late, somebody else's) count as late
         before = bytes(bus.received[start : len(bus.received) - (bus.accepted - accepted)])
-        # a second meter at this address may answer later than the first, after its frame
-        after = bus.gather(bus.sent_at + LATE_WINDOW)
+        # a second meter at this address may answer later than the first, after its
+        # frame: the window, a quiet line, and if somebody else talks, what a late meter
+        # may still send
+        after = bus.gather(bus.sent_at + saved + wire_seconds(1, bus.baudrate))
+        if after:
+            after += bus.gather(bus.sent_at + LATE_WINDOW)
         if after.strip(b"\xe5"):
             return "collision", None, late + before
         return "found", telegram, late + before + after

@@ -74,10 +74,10 @@ def test_primary_scan_at_the_standards_speed(baudrate):
     wake = kt.wire_seconds(6, baudrate) + meter.delay + 0.1  # its E5, then a quiet line
     least = floor(baudrate, read_time(meter, baudrate)) + wake
     # what the algorithm costs beyond the floor: the answer's first byte (11 bits) per
-    # probe, a listen after the found meter's frame for a second meter at its address
-    # that answers later, and at the end a listen for late answers to the last probes
+    # probe, a quiet line after the found meter's frame (a second meter at its address
+    # that answers later), and at the end a listen for late answers to the last probes
     # (the last wait before each deadline is a select(), so no read overshoots it)
-    extra = 251 * kt.wire_seconds(1, baudrate) + 2 * kt.LATE_WINDOW + 1e-6
+    extra = 251 * kt.wire_seconds(1, baudrate) + 0.1 + kt.LATE_WINDOW + 1e-6
     assert least <= clock.now <= least + extra
     assert clock.now <= 1.10 * least
 
