@@ -1861,6 +1861,12 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None,
             continue
         delay = bus.last_byte - bus.sent_at
         outcome, detail, _ = _confirm(bus, address)
+        if outcome == "collision":  # late meters that collide: they sent it
+            state["late"].add(address)
+            note(f"address {address}: {COLLISION}")
+        elif outcome == "failed":
+            state["late"].add(address)
+            note(f"address {address} {WRONG}: {detail}")
         if outcome != "found":
             continue
         found[address] = Found(detail, bus.baudrate)

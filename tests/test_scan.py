@@ -572,6 +572,16 @@ def test_two_meters_at_one_address_one_late_are_a_collision_there(baudrate):
     assert not any(n.startswith("address 101") for n in notes), notes
 
 
+@pytest.mark.parametrize("delay", [0.3, 0.6])
+def test_two_late_meters_at_one_address_are_a_collision_not_a_lost_meter(delay):
+    meters = [sim.Meter(address=100, ident="11111111", delay=delay),
+              sim.Meter(address=100, ident="22222222", delay=delay + 0.02, kind="403"),
+              sim.Meter(address=48)]  # fmt: skip
+    found, notes, _ = scan(meters, 9600)
+    assert found == [48]
+    assert notes == [f"address 100: {kt.COLLISION}"]
+
+
 def test_secondary_search_with_a_prompt_and_a_late_meter_finds_both():
     meters = [sim.Meter(address=0, ident="11111111"),
               sim.Meter(address=0, ident="22222222", delay=0.3)]  # fmt: skip
