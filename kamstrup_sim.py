@@ -422,7 +422,7 @@ class FakePort:
         # such as a test's noise, stay as they are)
         self.incoming = [e for e in self.incoming if e[0] <= now or e not in self._view]
         self._view = set()
-        runs: list = []  # back-to-back bytes sent at one rate: [rate, first end, bytes]
+        runs: list = []  # back-to-back bytes sent at one rate: [rate, first end, bytes, last end]
         for when, byte, sent in self.wire:
             if runs and runs[-1][0] == sent and when - runs[-1][3] < 11 / sent * 1.5:
                 runs[-1][2].append(byte)

@@ -1520,31 +1520,28 @@ class Bus:
             self._trace("late", dropped)
         return bytes(dropped)
 
-    def listen(self, until: float, want: int | None = None) -> float | None:
-        """Read until ``until``; when the first byte (the first ``want`` byte) came, or
-        None (what came is dropped)."""
-        first = None
+    def _until(self, until: float):
+        """The chunks that come until ``until`` (traced as late), each as it comes."""
         while self.clock() < until:
             chunk = self._read(LONGEST_ANSWER, until)
             if chunk is None:
                 break
             if chunk:
                 self._trace("late", chunk)
-                if first is None and (want is None or want in chunk):
-                    first = self.clock()
+                yield chunk
+
+    def listen(self, until: float, want: int | None = None) -> float | None:
+        """Read until ``until``; when the first byte (the first ``want`` byte) came, or
+        None (what came is dropped)."""
+        first = None
+        for chunk in self._until(until):
+            if first is None and (want is None or want in chunk):
+                first = self.clock()
         return first
 
     def gather(self, until: float) -> bytes:
         """What comes until ``until``, then until the line is quiet (see quiet)."""
-        got = bytearray()
-        while self.clock() < until:
-            chunk = self._read(LONGEST_ANSWER, until)
-            if chunk is None:
-                break
-            got += chunk
-        if got:
-            self._trace("late", got)
-        return bytes(got) + self.quiet(keep=True)
+        return b"".join(self._until(until)) + self.quiet(keep=True)
 
     def take_pending(self) -> bytes:
         """The bytes that have come since the last answer was taken, without waiting."""
