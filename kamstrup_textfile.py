@@ -1783,12 +1783,7 @@ def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None
         if result != "silent":
             came = bus.last_byte  # when it came: a late answer's probe was before
             outcome, detail, late = _confirm(bus, address)
-            if outcome == "found":
-                found[address] = Found(detail, bus.baudrate)
-            elif outcome == "collision":
-                note(f"address {address}: {COLLISION}")
-            elif outcome == "failed":
-                note(f"address {address} {WRONG}: {detail}")
+            _record(bus, found, note, address, outcome, detail)
             if outcome == "collision":
                 pass  # E5s that came with it are the colliding meters'
             elif (outcome == "silent" and result == "ack") or ACK in late:  # a late E5
@@ -1804,6 +1799,16 @@ def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None
         if came is not None:
             _find_late(bus, probed, found, note, came, state)
     return [found[address] for address in sorted(found)]
+
+
+def _record(bus: Bus, found: dict, note, address: int, outcome: str, detail) -> None:
+    """Keep a meter _confirm found; say a collision, or a meter that answers wrongly."""
+    if outcome == "found":
+        found[address] = Found(detail, bus.baudrate)
+    elif outcome == "collision":
+        note(f"address {address}: {COLLISION}")
+    elif outcome == "failed":
+        note(f"address {address} {WRONG}: {detail}")
 
 
 def _confirm(bus: Bus, address: int) -> tuple:
@@ -1858,16 +1863,10 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None,
             continue
         delay = bus.last_byte - bus.sent_at
         outcome, detail, _ = _confirm(bus, address)
-        if outcome == "collision":  # late meters that collide: they sent it
-            state["late"].add(address)
-            note(f"address {address}: {COLLISION}")
-        elif outcome == "failed":
-            state["late"].add(address)
-            note(f"address {address} {WRONG}: {detail}")
-        if outcome != "found":
-            continue
-        found[address] = Found(detail, bus.baudrate)
-        if delay > bus.timeout:  # late indeed (not a meter that answered in time)
+        _record(bus, found, note, address, outcome, detail)
+        if outcome in ("collision", "failed"):  # late meters that collide, or answer
+            state["late"].add(address)  # wrongly: they sent it
+        elif outcome == "found" and delay > bus.timeout:  # late indeed (not in time)
             state["late"].add(address)
             enough = math.ceil(delay * 10 + 1) / 10  # the delay and 0.1 s to spare
             note(f"address {address} answered {delay:.2f} s after the request, after the "
