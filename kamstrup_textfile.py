@@ -1742,17 +1742,17 @@ def wake(bus: Bus) -> bool:
     first request after a long idle (libmbus #84); whether something answered.  When it
     took more than one try, the answers of late meters to the tries before are let come
     and go first (LATE_WINDOW), so that none lands in a scan's first windows."""
+    late = False  # a late answer came while we waited: somebody is there too
     for attempt in range(1 + bus.retries):
         if attempt:
-            bus.quiet()
+            late = bool(bus.quiet()) or late
         if bus.probe(ADDRESS_ANY) != "silent":
             if attempt:
                 bus.listen(bus.sent_at + LATE_WINDOW)
             else:
                 bus.quiet()
             return True
-    bus.listen(bus.sent_at + LATE_WINDOW)
-    return False
+    return bus.listen(bus.sent_at + LATE_WINDOW) is not None or late
 
 
 def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None,
@@ -1788,8 +1788,8 @@ def scan_primary(bus: Bus, addresses=PRIMARY_ADDRESSES, progress=None, note=None
                 pass  # E5s that came with it are the colliding meters'
             elif (outcome == "silent" and result == "ack") or ACK in late:  # a late E5
                 _find_late(bus, probed[:-1], found, note, came, state, also=address)
-            elif outcome == "found" and late.strip(b"\x00"):
-                # garbage before a clean frame: a late E5 may have met the frame on the
+            elif outcome == "found" and (late or result == "garbled"):
+                # garbage before a clean frame: a late E5 may have met an answer on the
                 # line (and be 00s now); look, but a meter not found is no news then
                 _find_late(bus, probed[:-1], found, note, came, state, sure=False)
         if progress:
@@ -1853,7 +1853,9 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None,
     first, every address probed within LATE_WINDOW before, with that window.  Not
     ``sure`` that it was an answer (garbage), a meter not found is not said lost."""
     bus.quiet()
-    recent = [a for a, sent in reversed(probed) if came - LATE_WINDOW <= sent <= came]
+    # ``came`` is when the read that brought it returned: up to a read slice later
+    recent = [a for a, sent in reversed(probed)
+              if came - LATE_WINDOW - READ_SLICE <= sent <= came]  # fmt: skip
     candidates = ([also] if also is not None else []) + recent
     for address in candidates:
         if address in found or address in state["searched"]:

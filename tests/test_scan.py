@@ -193,6 +193,14 @@ def test_rates_in_use_finds_the_rate_a_meter_hears():
     assert sent_at == list(kt.AUTO_RATES)
 
 
+@pytest.mark.parametrize("baudrate, delay", [(2400, 0.2), (2400, 0.25), (2400, 0.9),
+                                             (9600, 0.5), (9600, 0.9)])  # fmt: skip
+def test_a_meter_that_answers_the_wake_up_late_makes_its_rate_in_use(baudrate, delay):
+    """Its E5s come while the wake-up waits for a quiet line or listens: they count."""
+    bus, _, _ = make_bus([sim.Meter(address=48, delay=delay, baudrate=baudrate)])
+    assert kt.rates_in_use(bus, kt.AUTO_RATES) == [baudrate]
+
+
 def test_a_late_answer_at_one_rate_is_not_taken_for_the_next_rates():
     """A meter 250 ms late at 9600: its E5 must not land in the 300-baud wake-up (a
     five-minute scan at 300 baud for nothing)."""
@@ -589,6 +597,24 @@ def test_secondary_search_with_a_prompt_and_a_late_meter_finds_both():
     notes: list = []
     found, _ = kt.scan_secondary(bus, note=notes.append)
     assert sorted(f.telegram.id for f in found) == ["11111111", "22222222"]
+
+
+@pytest.mark.parametrize("delay", [0.262, 0.266, 0.268, 0.48, 0.695])
+def test_a_late_meter_whose_e5_meets_a_neighbours_is_found(delay):
+    """The late E5 and the neighbour's prompt one meet on the line (00s): look again."""
+    neighbour = 101 + int(delay > 0.4) + int(delay > 0.6)  # 1, 2 or 3 probes later
+    meters = [sim.Meter(address=100, ident="14444444", delay=delay),
+              sim.Meter(address=neighbour, ident="20000000")]  # fmt: skip
+    found, notes, _ = scan(meters, 2400)
+    assert found[0] == 100, notes
+    assert any(n.startswith("address 100 answered") for n in notes), notes
+
+
+@pytest.mark.parametrize("address", [100, 248, 250])
+def test_a_meter_just_under_a_second_late_is_found(address):
+    found, notes, _ = scan([sim.Meter(address=address, delay=0.98)], 9600)
+    assert found == [address], notes
+    assert kt.LOST not in notes
 
 
 def test_scan_auto_with_meters_that_detect_the_rate_lists_each_once(fake_bus_in_time):
