@@ -1733,6 +1733,7 @@ WRONG = "answered SND_NKE, but not REQ_UD2"  # a meter there that cannot be read
 WRONG_SELECTED = "answered, but wrongly"
 SHARED_ID = "several meters share it"
 MIXED_RATES = "--once reads one rate per address: give them addresses of their own"
+UNFINISHED = "the scan did not finish: the meters above may not be all, so no KAMSTRUP_* lines"
 # what a scan says that fails it (advice on a late meter that was found does not)
 FAILING = (COLLISION, WRONG, WRONG_SELECTED, SHARED_ID, LOST, MIXED_RATES)
 
@@ -3442,7 +3443,7 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
         for f in found
         for t in (f.telegram,)
     ]
-    if found:
+    if found and failure is None:  # an unfinished scan's settings would look final
         ids = [f.telegram.id for f in found]
         if secondary and None not in ids and len(set(ids)) == len(ids):
             addresses = " ".join(ids)
@@ -3457,7 +3458,7 @@ def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
         _fail(str(exc))
         return 1
     if failure is not None:
-        _fail(failure[0])
+        _fail(f"{failure[0]}; {UNFINISHED}")
         return failure[1]
     failing = any(f in text for text in notes for f in FAILING)
     if not found:

@@ -713,3 +713,6 @@ def test_meters_found_before_the_adapter_went_away_are_listed(fake_bus_in_time):
     assert result.exit_code == 1
     assert result.stdout.splitlines()[0].startswith("address 5  id 00000005")
     assert "port failed while reading" in result.stderr
+    # the settings of an unfinished scan would look final in /etc/default/kamstrup
+    assert "KAMSTRUP_" not in result.stdout
+    assert result.stderr.splitlines()[-1].endswith(kt.UNFINISHED)
