@@ -2887,8 +2887,12 @@ class SecondsType(click.FloatRange):
 AUTO_RATES = (2400, 9600, 300)  # --baudrate auto tries these, in this order
 
 
+BAUD_RATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400)  # EN 13757-2's
+
+
 class BaudrateType(click.ParamType):
-    """A baud rate 300-38400, or "auto" (try 2400, 9600 and 300)."""
+    """One of M-Bus's baud rates, or "auto" (try 2400, 9600 and 300); another number is
+    a typo (2040, 9500) that would only end in "no answer"."""
 
     name = "rate|auto"
 
@@ -2898,9 +2902,10 @@ class BaudrateType(click.ParamType):
         text = str(value).strip().lower()
         if text == "auto":
             return "auto"
-        if text.isdigit() and 300 <= int(text) <= 38400:
+        if text.isdigit() and int(text) in BAUD_RATES:
             return int(text)
-        self.fail(f"{value!r} is not a baud rate from 300 to 38400, nor auto", param, ctx)
+        rates = ", ".join(map(str, BAUD_RATES))
+        self.fail(f"{value!r} is not an M-Bus baud rate ({rates}), nor auto", param, ctx)
 
 
 class LabelType(click.ParamType):
@@ -3134,7 +3139,8 @@ Examples:
     type=BaudrateType(),
     default=2400,
     show_default=True,
-    help="300-38400, or auto: try 2400, 9600 and 300 (with --once, each meter at the first "
+    help="300, 600, 1200, 2400, 4800, 9600, 19200 or 38400, or auto: try 2400, 9600 and "
+    "300 (with --once, each meter at the first "
     "rate it answers at; with the scans, every rate where something answers).",
 )
 @click.option(

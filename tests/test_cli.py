@@ -189,6 +189,7 @@ USAGE_ERRORS = {
     "address_251": ["--once", "--address", "251"],
     "address_7_digits": ["--once", "--address", "1234567"],
     "baudrate_100": ["--once", "--baudrate", "100"],
+    "baudrate_typo": ["--scan", "--baudrate", "2040"],  # no M-Bus rate: a typo of 2400
     "label_bad_name": ["--once", "--label", "9bad=x"],
     "label_reserved": ["--once", "--label", "meter=x"],
     "label_no_equals": ["--once", "--label", "location"],
