@@ -2970,8 +2970,17 @@ def _prog() -> str:
     return (ctx.find_root().info_name if ctx else None) or PROG
 
 
+def _say(text: str, nl: bool = True) -> None:
+    """A line on stderr (a diagnostic, a frame of -v, progress); a stderr that cannot
+    be written (a full disk, a closed pipe) must not cost the reading: it is let go."""
+    try:
+        click.echo(text, err=True, nl=nl)
+    except (OSError, ValueError):
+        pass
+
+
 def _fail(message: str) -> None:
-    click.echo(f"{_prog()}: {message}", err=True)
+    _say(f"{_prog()}: {message}")
 
 
 class Stopped(BaseException):
@@ -3093,27 +3102,23 @@ class _Command(click.Command):
         try:
             status = super().main(args, name, complete_var, standalone_mode=False, **kw)
         except click.UsageError as exc:
-            try:
-                click.echo(f"{name}: {_one_line(exc.format_message())} (see {name} --help)",
-                           err=True)  # fmt: skip
-            except OSError:
-                pass  # a usage error all the same
+            _say(f"{name}: {_one_line(exc.format_message())} (see {name} --help)")
             sys.exit(2)
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
         except click.Abort:
-            click.echo(f"{name}: aborted", err=True)
+            _say(f"{name}: aborted")
             sys.exit(1)
         except Stopped as exc:  # a scan or a decode: nothing to write for it
-            click.echo(f"{name}: stopped by {exc.name}", err=True)
+            _say(f"{name}: stopped by {exc.name}")
             sys.exit(128 + exc.signum)
         except OSError as exc:  # --help or --version into a full disk or a closed pipe
             try:
                 _stdout("")
             except OutputError:
                 pass
-            click.echo(f"{name}: cannot write to standard output: {_reason(exc)}", err=True)
+            _say(f"{name}: cannot write to standard output: {_reason(exc)}")
             sys.exit(1)
         sys.exit(status or 0)
 
@@ -3248,7 +3253,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise click.BadParameter(f"label {twice[0]!r} is given twice", param_hint="--label")
-    log = (lambda line: click.echo(line, err=True)) if verbose else None
+    log = _say if verbose else None
     if output is None:  # a decoded capture never replaces the live file unless asked to
         output = "-" if decode_file is not None else DEFAULT_OUTPUT
     if not output:
@@ -3530,23 +3535,21 @@ class _Progress:
             self.bar.update(done - self.done)
         elif self.counting:
             at = f" at {self.what}" if self.what else ""
-            click.echo(f"\rSearching{at}: {done} {self.unit}, {found} {meters} found",
-                       err=True, nl=False)  # fmt: skip
+            _say(f"\rSearching{at}: {done} {self.unit}, {found} {meters} found", nl=False)
         elif sys.stderr is not None and time.monotonic() >= self.next_line:
             self.next_line = time.monotonic() + self.EVERY
             at = f" at {self.what}" if self.what else ""
             if self.total:
-                click.echo(f"scanned {done} of {self.total} {self.unit}{at}, {found} {meters} "
-                           "found", err=True)  # fmt: skip
+                _say(f"scanned {done} of {self.total} {self.unit}{at}, {found} {meters} found")
             else:
-                click.echo(f"{done} {self.unit}{at} so far, {found} {meters} found", err=True)
+                _say(f"{done} {self.unit}{at} so far, {found} {meters} found")
         self.done = done
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.__exit__(*exc)
         elif self.counting and self.done:
-            click.echo("", err=True)  # end the count's line
+            _say("")  # end the count's line
         return False
 
 

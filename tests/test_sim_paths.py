@@ -485,3 +485,28 @@ def test_kamstrup_sim_passes_sigterm_on_to_its_command():
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("args", [["--once", "-v"], ["--scan", "--baudrate", "38400"]])
+def test_a_full_stderr_costs_no_reading(tmp_path, args):
+    """-v's frames, the progress lines and the notes go to stderr; when it cannot be
+    written (2>/dev/full) the file is still written and the scan's lines still printed."""
+    line = sim.PtyLine(sim.SimulatedBus([sim.Meter(address=48, ident="82937133")]),
+                       baudrate=38400)  # fmt: skip
+    out = tmp_path / "k.prom"
+    try:
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [sys.executable, TOOL, *args, "--port", line.path, "--address", "48",
+                 "--output", str(out)],
+                stdout=subprocess.PIPE, stderr=full, text=True, timeout=120,
+            )  # fmt: skip
+    finally:
+        line.close()
+    if args[0] == "--once":
+        assert result.returncode == 0
+        assert 'kamstrup_up{address="48"} 1' in out.read_text()
+    else:
+        assert result.returncode == 0
+        assert result.stdout.splitlines()[-2:] == ['KAMSTRUP_ADDRESS="48"',
+                                                   "KAMSTRUP_BAUDRATE=38400"]  # fmt: skip
