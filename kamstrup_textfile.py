@@ -1356,6 +1356,7 @@ class Bus:
         self.received = bytearray()  # what came since read() began (a scan: since the start)
         self.accepted = 0  # bytes of the frames read_data took
         self.on_answer = None  # called with (address, frame, baudrate) for every answer accepted
+        self.on_refused = None  # (address, bytes, baudrate, why) for each REQ_UD2 answer refused
         try:  # a real port's fd: the last wait before a deadline is a select(), to the ms
             self._fd = port.fileno()
         except Exception:  # no fd (a socket:// port, a test double): wait_readable, or not
@@ -1645,13 +1646,22 @@ class Bus:
             request = req_ud2(target, fcb)
 
             def once(request=request):
+                start = len(self.received)
                 self._send(request)
-                frame = self._answer(request, want_frame=True)
-                telegram = decode_telegram(frame)
-                if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and telegram.address != target:
-                    raise MeterError(f"answer from address {telegram.address}, not {target}")
-                if secondary is not None and telegram.id != secondary:
-                    raise MeterError(f"answer from meter {telegram.id}, not {secondary}")
+                try:
+                    frame = self._answer(request, want_frame=True)
+                    telegram = decode_telegram(frame)
+                    if target not in (ADDRESS_ANY, ADDRESS_SECONDARY) and (
+                        telegram.address != target
+                    ):
+                        raise MeterError(f"answer from address {telegram.address}, not {target}")
+                    if secondary is not None and telegram.id != secondary:
+                        raise MeterError(f"answer from meter {telegram.id}, not {secondary}")
+                except (BusError, FrameError) as exc:
+                    refused = bytes(self.received[start:])
+                    if self.on_refused is not None and refused and not isinstance(exc, PortError):
+                        self.on_refused(secondary or target, refused, self.baudrate, str(exc))
+                    raise
                 self.accepted += len(frame)
                 if self.on_answer is not None:
                     self.on_answer(secondary or target, frame, self.baudrate)
@@ -3036,6 +3046,7 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answ
                 else:
                     bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
                     bus.on_answer = on_answer
+                    bus.on_refused = getattr(on_answer, "refused", None)
             if port_error is not None:
                 readings.append(Reading(address, error=port_error, port=True))
                 continue
@@ -3210,7 +3221,8 @@ Examples:
     default=None,
     metavar="FILE",
     help="With --once: append every answer to FILE as hex, each after a # line saying when, "
-    "port, address and baud rate; --decode FILE reads it back.",
+    "port, address and baud rate (answers refused, e.g. for a bad checksum, as # lines "
+    "with why); --decode FILE reads it back.",
 )
 @click.option(
     "--scan",
@@ -3346,12 +3358,26 @@ class _Capture:
     def __call__(self, address, frame: bytes, baudrate: int) -> None:
         if self.file is None:
             return
+        header = f"# {self._now()} port {self.port} address {address} baudrate {baudrate}"
+        self._write(f"{header}\n{frame.hex(' ').upper()}\n")
+
+    def refused(self, address, data: bytes, baudrate: int, why: str) -> None:
+        """An answer the bus refused (bad checksum, cut off, another address): kept for
+        whoever reads the file, as comment lines that --decode skips."""
+        if self.file is None:
+            return
+        header = f"# {self._now()} port {self.port} address {address} baudrate {baudrate}"
+        self._write(f"{header} rejected: {why}\n# {data.hex(' ').upper()}\n")
+
+    @staticmethod
+    def _now() -> str:
         import datetime as dt
 
-        when = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-        header = f"# {when} port {self.port} address {address} baudrate {baudrate}"
+        return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+    def _write(self, text: str) -> None:
         try:
-            self.file.write(f"{header}\n{frame.hex(' ').upper()}\n")
+            self.file.write(text)
             self.file.flush()  # each answer on disk as it comes: a killed run keeps them
         except OSError as exc:
             self._failure(exc)

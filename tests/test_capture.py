@@ -28,9 +28,34 @@ COMMENT = re.compile(
 )
 
 
-def entries(path: Path) -> list:
-    """[(comment match, frame bytes)] of a capture file; every line is one or the other."""
+REJECTED = re.compile(COMMENT.pattern + r" rejected: (.+)")
+REJECTED_BYTES = re.compile(r"# ([0-9A-F]{2}( [0-9A-F]{2})*)")
+
+
+def rejected(path: Path) -> list:
+    """[(comment match, bytes)] of the answers the bus refused, kept as comment lines."""
     lines = path.read_text(encoding="ascii").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        match = REJECTED.fullmatch(line)
+        if match:
+            data = REJECTED_BYTES.fullmatch(lines[i + 1])
+            assert data, lines[i + 1]
+            out.append((match, bytes.fromhex(data.group(1))))
+    return out
+
+
+def entries(path: Path) -> list:
+    """[(comment match, frame bytes)] of a capture file's answers: every line is a comment
+    or a frame, and each frame follows its comment (rejected answers left out)."""
+    lines, kept = path.read_text(encoding="ascii").splitlines(), []
+    while lines:
+        line = lines.pop(0)
+        if REJECTED.fullmatch(line):
+            lines.pop(0)  # its bytes
+        else:
+            kept.append(line)
+    lines = kept
     assert len(lines) % 2 == 0, lines
     out = []
     for comment, frame in zip(lines[::2], lines[1::2]):
@@ -94,6 +119,61 @@ def test_a_silent_meter_leaves_nothing_and_the_others_are_kept(fake_bus, tmp_pat
     result = invoke([*args, "--output", "-", "--capture", str(capture)])
     assert result.exit_code == 1  # address 5 failed, as without --capture
     assert [c.group(3) for c, _ in entries(capture)] == ["48"]
+
+
+def test_a_refused_answer_is_kept_as_comments_with_its_reason(fake_bus, tmp_path):
+    """The answers a maintainer most wants: the one that failed its checksum is in the
+    capture (as comment lines, with why), the retry's good answer after it."""
+    fake_bus.append(sim.Meter(address=48, corrupt=frozenset({1})))
+    capture = tmp_path / "frames.hex"
+    live = tmp_path / "live.prom"
+    result = invoke(["--once", "--address", "48", "--output", str(live), "--capture", str(capture)])
+    assert result.exit_code == 0, result.stderr
+    good = sim.Meter(address=48).telegrams()[0]
+    ((comment, data),) = rejected(capture)
+    assert comment.group(3, 4) == ("48", "2400")
+    assert "checksum" in comment.group(5)
+    assert data == good[:-2] + bytes(((good[-2] + 1) & 0xFF, 0x16))
+    assert [f for _, f in entries(capture)] == [good]
+    lines = capture.read_text().splitlines()
+    assert REJECTED.fullmatch(lines[0]) and lines[3] == good.hex(" ").upper()
+    decoded = invoke(["--decode", str(capture)])
+    assert decoded.exit_code == 0, decoded.stderr
+    assert stable(decoded.stdout) == stable(live.read_text())
+
+
+def test_a_cut_off_answer_is_kept_at_each_try(fake_bus, tmp_path):
+    fake_bus.append(sim.Meter(address=48, truncate=20))
+    capture = tmp_path / "frames.hex"
+    args = ["--once", "--address", "48", "--retries", "1", "--output", "-"]
+    result = invoke([*args, "--capture", str(capture)])
+    assert result.exit_code == 1
+    got = rejected(capture)
+    assert len(got) == 2  # the first try and the retry
+    assert all(data == sim.Meter(address=48).telegrams()[0][:20] for _, data in got)
+    assert all(c.group(5) == "answer cut off after 20 of 142 bytes" for c, _ in got), got
+    assert entries(capture) == []
+
+
+class Misaddressed(sim.Meter):
+    """Answers REQ_UD2 to its address with another address in the frame (a second meter
+    on the same address whose answer won, or a meter that misreports its address)."""
+
+    def telegrams(self) -> list:
+        return [sim.rewrite(t, address=49) for t in super().telegrams()]
+
+
+def test_an_answer_from_the_wrong_address_is_kept_but_not_decoded(fake_bus, tmp_path):
+    fake_bus.append(Misaddressed(address=48))
+    capture = tmp_path / "frames.hex"
+    args = ["--once", "--address", "48", "--retries", "0", "--output", "-"]
+    result = invoke([*args, "--capture", str(capture)])
+    assert result.exit_code == 1
+    assert "answer from address 49, not 48" in result.stderr
+    ((comment, data),) = rejected(capture)
+    assert comment.group(5) == "answer from address 49, not 48"
+    assert kt.decode_telegram(data).address == 49
+    assert entries(capture) == []  # --decode would label it as a meter at 49: not an answer
 
 
 def test_secondary_address_in_the_comment(fake_bus, tmp_path):
@@ -203,12 +283,12 @@ def test_capture_through_the_same_path_as_output_via_a_link(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_round_trip_through_a_pty(tmp_path):
-    meters = [
-        sim.Meter(address=48, multi=True),
-        sim.Meter(address=74, ident="77447744", kind="403"),
-    ]
     live = {}
     for fmt in ("prom", "json"):
+        meters = [  # the second telegram's first answer fails its checksum: kept, refused
+            sim.Meter(address=48, multi=True, corrupt=frozenset({2})),
+            sim.Meter(address=74, ident="77447744", kind="403"),
+        ]
         line = sim.PtyLine(sim.SimulatedBus(meters), baudrate=2400, pace=True)
         out = tmp_path / f"live.{fmt}"
         try:
@@ -228,6 +308,9 @@ def test_round_trip_through_a_pty(tmp_path):
             assert stable(decoded.stdout) == stable(live[fmt])
         ports = {c.group(2) for c, _ in entries(tmp_path / f"{fmt}.hex")}
         assert ports == {line.path}
+        ((comment, data),) = rejected(tmp_path / f"{fmt}.hex")
+        assert comment.group(2, 3) == (line.path, "48") and "checksum" in comment.group(5)
+        assert data[:-2] == sim.Meter(address=48, multi=True).telegrams()[1][:-2]
     assert 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n' in live["prom"]
 
 
