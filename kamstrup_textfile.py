@@ -3251,9 +3251,10 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
     modes = [
-        name
-        for name, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
-                         ("--scan-secondary", scan_secondary))
+        _named(name, param)
+        for name, param, on in (("--once", "once", once), ("--decode", "decode_file", decode_file),
+                                ("--scan", "scan", scan),
+                                ("--scan-secondary", "scan_secondary", scan_secondary))
         if on
     ]  # fmt: skip
     if len(modes) != 1:
@@ -3327,6 +3328,21 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
         sys.exit(128 + _STOPPING["signum"])
     failed = any(r.error for r in readings) or (capture is not None and capture.failed)
     sys.exit(1 if failed else 0)
+
+
+def _named(option: str, param: str) -> str:
+    """An option as a usage error names it: with its variable when the environment set it
+    (KAMSTRUP_SCAN=1 left in /etc/default/kamstrup would stop every --once)."""
+    ctx = click.get_current_context()
+    source = getattr(click.core, "ParameterSource", None)  # click 8: Debian 11 has 7.1
+    if source is None or ctx.get_parameter_source(param) != source.ENVIRONMENT:
+        return option
+    (envvar,) = [p.envvar for p in ctx.command.params if p.name == param]
+    if not envvar:  # named by the command's prefix (KAMSTRUP_SCAN)
+        envvar = f"{ctx.auto_envvar_prefix}_{param.upper()}"
+    elif not isinstance(envvar, str):
+        envvar = "/".join(envvar)
+    return f"{option} ({envvar} in the environment)"
 
 
 def _check_capture(path: str, once: bool, output: str) -> None:

@@ -8,8 +8,10 @@ user sees.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import click
 import pytest
 from corpus import KAMSTRUP, LIBMBUS
 from tools import invoke, run_tool
@@ -211,6 +213,26 @@ def test_usage_errors_exit_2(kind, tmp_path, monkeypatch):
     assert line.startswith("kamstrup-textfile: ") and line.endswith(" --help)")
     assert opened == []
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, env, named",
+    [
+        (["--once"], {"KAMSTRUP_SCAN": "1"}, "--once and --scan (KAMSTRUP_SCAN in the env"),
+        (["--scan"], {"KAMSTRUP_ONCE": "true"}, "--once (KAMSTRUP_ONCE in the environment) and"),
+        (["--once", "--scan-secondary"], {}, "--once and --scan-secondary exclude"),
+    ],
+)
+def test_a_mode_set_in_the_environment_is_named_as_such(args, env, named, monkeypatch):
+    """KAMSTRUP_SCAN=1 left in /etc/default/kamstrup (or exported in a shell) would stop
+    every timer run with '--once and --scan exclude each other': say where --scan came from."""
+    monkeypatch.setattr(kt, "open_port", lambda *a, **k: pytest.fail("port opened"))
+    result = invoke([*args, "--output", "-"], env=env)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    if not hasattr(click.core, "ParameterSource"):  # click 7 (Debian 11) cannot tell
+        named = re.sub(r" \(\w+ in the env\w*\)?", "", named)
+    assert named in line, line
 
 
 def test_usage_error_subprocess_no_traceback():
