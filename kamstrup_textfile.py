@@ -1879,8 +1879,9 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None,
         _record(bus, found, note, address, outcome, detail)
         if outcome in ("collision", "failed"):  # late meters that collide, or answer
             state["late"].add(address)  # wrongly: they sent it
-        elif outcome == "found" and delay > bus.timeout:  # late indeed (not in time)
-            state["late"].add(address)
+        elif outcome == "found":  # silent at its own probe, found now: it sent it
+            state["late"].add(address)  # (late once: a busy line, a loaded gateway)
+        if outcome == "found" and delay > bus.timeout:  # late indeed (not in time)
             enough = math.ceil(delay * 10 + 1) / 10  # the delay and 0.1 s to spare
             note(f"address {address} answered {delay:.2f} s after the request, after the "
                  f"{bus.timeout:.3g} s window: try --timeout {enough:g}")  # fmt: skip

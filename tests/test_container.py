@@ -693,6 +693,9 @@ def test_prometheus_records_legacy_names_and_alerts(container, tmp_path):
 
 
 def test_remove_stops_the_timer_and_purge_leaves_nothing(container):
+    # the stamp the install's start left: with Persistent=true a quarter hour that passed
+    # since then would start kamstrup.service at once, racing start_service() below
+    container.run("rm", "-f", "/var/lib/systemd/timers/stamp-kamstrup.timer")
     container.run("systemctl", "start", "kamstrup.timer")
     assert container.systemctl("is-active", "kamstrup.timer") == "active"
     with container.meter():

@@ -88,13 +88,18 @@ def test_stdout_into_a_full_disk_is_one_line(mode, tmp_path):
 
 @pytest.mark.slow
 def test_stdout_into_a_closed_pipe_is_one_line():
-    proc = subprocess.Popen(
-        [sys.executable, TOOL, "--decode", str(KAMSTRUP / "multical603.hex")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    proc.stdout.close()  # the reader went away before a byte was read
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader went away before a byte was read (before the tool ran:
+    # closed after Popen, a stalled test process could let the whole file into the pipe)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, TOOL, "--decode", str(KAMSTRUP / "multical603.hex")],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
     stderr = proc.stderr.read()
     assert proc.wait(timeout=60) == 1
     assert stderr == "kamstrup_textfile.py: cannot write to standard output: Broken pipe\n"

@@ -5,6 +5,7 @@ Both tools are required (tests/install-tools.sh installs them); a missing tool f
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import subprocess
@@ -141,7 +142,7 @@ def wait_for(url: str, proc: subprocess.Popen) -> str:
             raise AssertionError(f"node_exporter exited with {proc.returncode}")
         try:
             return scrape(url)
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
             time.sleep(0.05)
     raise AssertionError("node_exporter did not answer within 10 s")
 
@@ -152,22 +153,31 @@ def test_node_exporter_serves_our_file(tmp_path):
     directory.mkdir()
     prom = decode(directory / "kamstrup.prom", *CORPUS, labels=["location=cellar"])
     (directory / ".kamstrup.prom.999999.tmp").write_text("half a file {{{\n")  # ignored
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/metrics"
-    proc = subprocess.Popen(
-        [
-            exporter,
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--collector.disable-defaults",
-            "--collector.textfile",
-            f"--collector.textfile.directory={directory}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    for _ in range(3):  # the port found free may be taken before node_exporter binds it
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/metrics"
+        proc = subprocess.Popen(
+            [
+                exporter,
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--collector.disable-defaults",
+                "--collector.textfile",
+                f"--collector.textfile.directory={directory}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            first = wait_for(url, proc)
+            break
+        except AssertionError:
+            if proc.poll() is None or "address already in use" not in proc.stderr.read():
+                proc.kill()
+                proc.wait(timeout=10)
+                raise
     try:
-        found = samples(wait_for(url, proc))
+        found = samples(first)
         where = {"location": "cellar"}
         meter = {"meter": "30303030", **where}
         assert value(found, "node_textfile_scrape_error") == 0

@@ -111,6 +111,22 @@ def test_no_phantom_whatever_the_lateness(address, delay, baudrate):
         assert [f.telegram.address for f in found] == [address]
 
 
+@settings(max_examples=40, deadline=None)
+@given(late_by=st.floats(0.002, 0.7), baudrate=st.sampled_from([2400, 9600, 38400]))
+def test_a_meter_late_once_is_found_and_not_said_lost(late_by, baudrate):
+    """A meter on time but for the answer to its own probe (a busy gateway, a scheduling
+    hiccup of the simulator's thread in CI): the re-probe finds it, in time; it sent the
+    late E5, so nothing is "lost" (a false LOST failed the scan with exit 1)."""
+    once = kt.slowest_answer(baudrate) + late_by  # after the window
+    # the first answer is to the wake-up at 254, the second to the probe of 48
+    meter = sim.Meter(address=48, delay=0.05, delays=[0.05, once])
+    bus, _, _ = make_bus([meter, sim.Meter(address=133, ident="82937133")], baudrate)
+    notes = []
+    found = kt.scan_primary(bus, note=notes.append)
+    assert [f.telegram.address for f in found] == [48, 133]
+    assert notes == []
+
+
 def test_a_collision_at_a_primary_address_is_reported_never_listed():
     meters = [
         sim.Meter(address=200, ident="22222222"),
@@ -380,6 +396,7 @@ def test_flush_waits_until_the_request_has_left_as_tcdrain_does():
 RATES = st.sampled_from([300, 600, 1200, 2400, 4800, 9600, 19200, 38400])
 
 
+@settings(deadline=None)
 @given(st.binary(min_size=1, max_size=40), RATES)
 def test_a_uart_at_the_senders_rate_reads_what_was_sent(data, rate):
     """The UART model samples the line; at the sender's rate that gives the bytes back,
@@ -389,6 +406,7 @@ def test_a_uart_at_the_senders_rate_reads_what_was_sent(data, rate):
     assert [t for t, _ in read] == pytest.approx([(i + 1) * 11 / rate for i in range(len(data))])
 
 
+@settings(deadline=None)
 @given(st.binary(min_size=1, max_size=40), RATES, RATES)
 def test_a_uart_at_another_rate_reads_no_more_bytes_than_start_bits_it_saw(data, sent, rate):
     read = sim.uart_receive(data, sent, rate)

@@ -41,11 +41,14 @@ def test_scan_auto_finds_a_meter_at_9600_a_late_one_and_a_collision():
         "KAMSTRUP_BAUDRATE=9600",
     ]  # no phantom at 61 or 62, where the late E5 landed; the pair at 200 is no meter
     notes = [line for line in result.stderr.splitlines() if not line.startswith("scanned ")]
-    assert notes == [
-        "kamstrup_textfile.py: address 60 answered 0.25 s after the request, after the "
-        "0.0844 s window: try --timeout 0.4",
-        f"kamstrup_textfile.py: address 200: {kt.COLLISION}",
-    ]
+    # the delay is measured in real time: 0.25 s, less the request's 5.7 ms on the wire
+    # (counted from its last byte), plus the E5's 1.1 ms and how late the two processes
+    # were scheduled; printed as 0.25 only while that lateness stays below 9.6 ms
+    assert len(notes) == 2, notes
+    assert re.fullmatch(
+        r"kamstrup_textfile\.py: address 60 answered 0\.2[4-9] s after the request, after "
+        r"the 0\.0844 s window: try --timeout 0\.[34]", notes[0]), notes  # fmt: skip
+    assert notes[1] == f"kamstrup_textfile.py: address 200: {kt.COLLISION}"
     assert result.returncode == 1  # the collision is for the user to fix
     for progress in result.stderr.splitlines()[: -len(notes)]:
         assert re.fullmatch(r"scanned \d+ of 251 addresses at 9600 baud, [012] meters? found",
