@@ -71,10 +71,14 @@ def test_a_reserved_code_is_exported_raw_by_its_vif_bytes():
     assert "# TYPE kamstrup_reserved_register gauge\n" in text
 
 
-def test_vib_is_a_label_the_tool_sets():
-    result = invoke(["--once", "--label", "vib=x"])
+def test_vib_is_a_label_the_tool_sets(tmp_path, monkeypatch):
+    # never the real port and /var/lib/prometheus/node-exporter, should the check regress
+    monkeypatch.setattr(kt, "open_port", lambda *a, **k: pytest.fail("port opened"))
+    out = tmp_path / "k.prom"
+    result = invoke(["--once", "--label", "vib=x", "--output", str(out)])
     assert result.exit_code == 2
     assert "'vib' is set by the tool itself" in result.stderr
+    assert not out.exists()
 
 
 # --- the 0xFB table, EN 13757-3:2018 -------------------------------------------------
