@@ -1743,6 +1743,7 @@ WRONG = "answered SND_NKE, but not REQ_UD2"  # a meter there that cannot be read
 WRONG_SELECTED = "answered, but wrongly"
 SHARED_ID = "several meters share it"
 MIXED_RATES = "--once reads one rate per address: give them addresses of their own"
+ASKED_AGAIN = "answered only when asked again (late once?): if a meter is missing, scan again"
 UNFINISHED = "the scan did not finish: the meters above may not be all, so no KAMSTRUP_* lines"
 # what a scan says that fails it (advice on a late meter that was found does not)
 FAILING = (COLLISION, WRONG, WRONG_SELECTED, SHARED_ID, LOST, MIXED_RATES)
@@ -1881,6 +1882,9 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None,
             state["late"].add(address)  # wrongly: they sent it
         elif outcome == "found":  # silent at its own probe, found now: it sent it
             state["late"].add(address)  # (late once: a busy line, a loaded gateway)
+            if address != also and delay <= bus.timeout:  # or it missed its probe, and
+                # the late E5 was a lost meter's: not a failure, but not silence either
+                note(f"address {address} {ASKED_AGAIN}")
         if outcome == "found" and delay > bus.timeout:  # late indeed (not in time)
             enough = math.ceil(delay * 10 + 1) / 10  # the delay and 0.1 s to spare
             note(f"address {address} answered {delay:.2f} s after the request, after the "
@@ -3367,7 +3371,9 @@ class _Capture:
         self.port = port
         self.failed = False
         try:
-            self.file = open(path, "a", encoding="ascii")
+            # ASCII whatever the port's name (/dev/zähler): a name that is not becomes
+            # backslash escapes, never a UnicodeEncodeError in the middle of a read
+            self.file = open(path, "a", encoding="ascii", errors="backslashreplace")
         except OSError as exc:
             self.file = None
             self._failure(exc)
@@ -3375,16 +3381,21 @@ class _Capture:
     def __call__(self, address, frame: bytes, baudrate: int) -> None:
         if self.file is None:
             return
-        header = f"# {self._now()} port {self.port} address {address} baudrate {baudrate}"
-        self._write(f"{header}\n{frame.hex(' ').upper()}\n")
+        self._write(f"{self._header(address, baudrate)}\n{frame.hex(' ').upper()}\n")
 
     def refused(self, address, data: bytes, baudrate: int, why: str) -> None:
         """An answer the bus refused (bad checksum, cut off, another address): kept for
         whoever reads the file, as comment lines that --decode skips."""
         if self.file is None:
             return
-        header = f"# {self._now()} port {self.port} address {address} baudrate {baudrate}"
-        self._write(f"{header} rejected: {why}\n# {data.hex(' ').upper()}\n")
+        header = self._header(address, baudrate, f" rejected: {why}")
+        self._write(f"{header}\n# {data.hex(' ').upper()}\n")
+
+    def _header(self, address, baudrate: int, tail: str = "") -> str:
+        """The comment line, one line whatever the port's name or the reason hold (--decode
+        splits lines as str.splitlines does: CR, FF, VT, FS, GS, RS too)."""
+        text = f"{self._now()} port {self.port} address {address} baudrate {baudrate}{tail}"
+        return "# " + " ".join(text.splitlines())
 
     @staticmethod
     def _now() -> str:

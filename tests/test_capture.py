@@ -340,3 +340,65 @@ def test_a_ci_0x76_meter_read_live_captured_and_decoded(fake_bus, tmp_path, monk
     assert frame[6] == 0x76
     decoded = invoke(["--decode", str(capture)])
     assert stable(decoded.stdout) == stable(text)
+
+
+# --- which bytes a refused answer keeps (Bus.on_refused, in-process) ----------------------
+
+
+def bus_with(meters, echo=False, retries=0):
+    port = sim.FakePort(sim.SimulatedBus(meters, echo=echo), timeout=0.001)
+    bus = kt.Bus(port, baudrate=2400, timeout=0.3, retries=retries)
+    got = []
+    bus.on_refused = lambda *a: got.append(a)
+    return bus, got
+
+
+def test_an_echo_is_not_part_of_the_refused_bytes():
+    bus, got = bus_with([sim.Meter(address=48, bad_checksum=True)], echo=True)
+    with pytest.raises(kt.BusError):
+        bus.read(48)
+    good = sim.Meter(address=48).telegrams()[0]
+    ((address, data, rate, why),) = got
+    assert (address, rate) == (48, 2400) and "checksum" in why
+    assert data[:-2] == good[:-2], data[:8].hex(" ")  # not the echoed 10 7B 30 AB 16 first
+
+
+class OtherId(sim.Meter):
+    """Selected by its own id, answers with another one in the frame."""
+
+    def telegrams(self) -> list:
+        return [sim.rewrite(t, ident="99999999") for t in super().telegrams()]
+
+
+def test_a_refused_secondary_answer_names_the_secondary_address():
+    bus, got = bus_with([OtherId(address=48, ident="12345678")])
+    with pytest.raises(kt.BusError):
+        bus.read("12345678")
+    ((address, data, _, why),) = got
+    assert address == "12345678" and why == "answer from meter 99999999, not 12345678"
+    assert kt.decode_telegram(data).id == "99999999"
+
+
+def test_a_refused_second_telegram_holds_only_its_own_bytes():
+    bus, got = bus_with([sim.Meter(address=48, multi=True, corrupt=frozenset({2}))], retries=1)
+    bus.read(48)
+    ((_, data, _, _),) = got
+    assert data[:-2] == sim.Meter(address=48, multi=True).telegrams()[1][:-2]
+
+
+@pytest.mark.parametrize("port", ["/dev/zähler", "/dev/tty\rUSB0", "/dev/tty\x1cUSB0"])
+def test_a_port_name_that_is_not_ascii_or_breaks_lines_is_one_comment(fake_bus, tmp_path, port):
+    """A udev link named in the user's language: no UnicodeEncodeError mid-read (a
+    traceback, no .prom); a name with a line break in it stays on its comment line."""
+    fake_bus.append(sim.Meter(address=48, corrupt=frozenset({1})))
+    capture = tmp_path / "frames.hex"
+    live = tmp_path / "live.prom"
+    result = invoke(["--once", "--port", port, "--address", "48", "--output", str(live),
+                     "--capture", str(capture)])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert 'kamstrup_up{address="48"} 1\n' in live.read_text()
+    lines = capture.read_bytes().decode("ascii").splitlines()
+    assert len(lines) == 4 and lines[0].startswith("# ") and lines[2].startswith("# ")
+    decoded = invoke(["--decode", str(capture)])
+    assert decoded.exit_code == 0, decoded.stderr
+    assert stable(decoded.stdout) == stable(live.read_text())

@@ -176,6 +176,8 @@ def test_node_exporter_serves_our_file(tmp_path):
                 proc.kill()
                 proc.wait(timeout=10)
                 raise
+    else:  # three ports taken in a row: say so, not UnboundLocalError on `first`
+        raise AssertionError("node_exporter found its port taken 3 times")
     try:
         found = samples(first)
         where = {"location": "cellar"}
