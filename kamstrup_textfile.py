@@ -1878,17 +1878,20 @@ def _find_late(bus, probed, found, note, came: float, state: dict, also=None,
         delay = bus.last_byte - bus.sent_at
         outcome, detail, _ = _confirm(bus, address)
         _record(bus, found, note, address, outcome, detail)
-        if outcome in ("collision", "failed"):  # late meters that collide, or answer
-            state["late"].add(address)  # wrongly: they sent it
-        elif outcome == "found":  # silent at its own probe, found now: it sent it
-            state["late"].add(address)  # (late once: a busy line, a loaded gateway)
-            if address != also and delay <= bus.timeout:  # or it missed its probe, and
-                # the late E5 was a lost meter's: not a failure, but not silence either
-                note(f"address {address} {ASKED_AGAIN}")
-        if outcome == "found" and delay > bus.timeout:  # late indeed (not in time)
+        if outcome == "silent":
+            continue
+        # silent at its own probe, there now (found, colliding or answering wrongly):
+        # it sent the late byte
+        state["late"].add(address)
+        if outcome != "found":
+            continue
+        if delay > bus.timeout:  # late indeed (not in time)
             enough = math.ceil(delay * 10 + 1) / 10  # the delay and 0.1 s to spare
             note(f"address {address} answered {delay:.2f} s after the request, after the "
                  f"{bus.timeout:.3g} s window: try --timeout {enough:g}")  # fmt: skip
+        elif address != also:  # late once (a busy line, a loaded gateway), or it missed
+            # its probe and the late byte was a lost meter's: no failure, no silence
+            note(f"address {address} {ASKED_AGAIN}")
     explained = state["late"].intersection(candidates)  # a late meter found sent it
     if sure and not explained and came > state["settled"] and not state["lost"]:
         state["lost"] = True
@@ -3026,8 +3029,10 @@ def _stop(signum, frame) -> None:
         raise Stopped(signum)
 
 
-def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answer=None) -> list:
-    """Read every address in turn, one Reading each (``on_answer``: see Bus.on_answer).
+def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answer=None,
+                on_refused=None) -> list:  # fmt: skip
+    """Read every address in turn, one Reading each (``on_answer``, ``on_refused``: see
+    Bus.on_answer and Bus.on_refused).
 
     A port that fails (an adapter unplugged or reset) fails the meter being read; it
     is opened anew for the next one, and when that fails too, the meters left get that
@@ -3051,7 +3056,7 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answ
                 else:
                     bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
                     bus.on_answer = on_answer
-                    bus.on_refused = getattr(on_answer, "refused", None)
+                    bus.on_refused = on_refused
             if port_error is not None:
                 readings.append(Reading(address, error=port_error, port=True))
                 continue
@@ -3256,10 +3261,9 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
     modes = [
-        _named(name, param)
-        for name, param, on in (("--once", "once", once), ("--decode", "decode_file", decode_file),
-                                ("--scan", "scan", scan),
-                                ("--scan-secondary", "scan_secondary", scan_secondary))
+        _named(param)
+        for param, on in (("once", once), ("decode_file", decode_file), ("scan", scan),
+                          ("scan_secondary", scan_secondary))
         if on
     ]  # fmt: skip
     if len(modes) != 1:
@@ -3312,7 +3316,8 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
         capture = _Capture(capture_file, port) if capture_file else None
         try:
             readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout or 1.0,
-                                   retries=retries, log=log, on_answer=capture)  # fmt: skip
+                                   retries=retries, log=log, on_answer=capture,
+                                   on_refused=capture and capture.refused)  # fmt: skip
         finally:
             if capture is not None:
                 capture.close()
@@ -3335,19 +3340,19 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     sys.exit(1 if failed else 0)
 
 
-def _named(option: str, param: str) -> str:
-    """An option as a usage error names it: with its variable when the environment set it
-    (KAMSTRUP_SCAN=1 left in /etc/default/kamstrup would stop every --once)."""
+def _named(param: str) -> str:
+    """An option as a usage error names it (--decode for decode_file): with its variable
+    when the environment set it (KAMSTRUP_SCAN=1 left in /etc/default/kamstrup would
+    stop every --once)."""
     ctx = click.get_current_context()
+    (option,) = [p for p in ctx.command.params if p.name == param]
     source = getattr(click.core, "ParameterSource", None)  # click 8: Debian 11 has 7.1
     if source is None or ctx.get_parameter_source(param) != source.ENVIRONMENT:
-        return option
-    (envvar,) = [p.envvar for p in ctx.command.params if p.name == param]
-    if not envvar:  # named by the command's prefix (KAMSTRUP_SCAN)
-        envvar = f"{ctx.auto_envvar_prefix}_{param.upper()}"
-    elif not isinstance(envvar, str):
+        return option.opts[0]
+    envvar = option.envvar or f"{ctx.auto_envvar_prefix}_{param.upper()}"  # KAMSTRUP_SCAN
+    if not isinstance(envvar, str):
         envvar = "/".join(envvar)
-    return f"{option} ({envvar} in the environment)"
+    return f"{option.opts[0]} ({envvar} in the environment)"
 
 
 def _check_capture(path: str, once: bool, output: str) -> None:
