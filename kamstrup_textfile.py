@@ -155,14 +155,20 @@ def parse_hex(text: str) -> bytes:
     """Hex digits in any case, separated or not by white space (the libmbus .hex layout);
     lines whose first character other than a blank is # are comments (--capture)."""
     lines = []
+    comments = False
     for number, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("#"):
+            comments = True
             continue
         bad = re.search(r"[^0-9A-Fa-f\s]", line)
         if bad:
             raise FrameError(f"line {number}: {bad.group()!r} is not a hex digit")
         lines.append(line)
     digits = "".join("".join(lines).split())
+    if not digits and comments:
+        raise FrameError(
+            "no frame, only comment lines (a capture keeps refused answers as comments)"
+        )
     if not digits:
         raise FrameError("no hex digits")
     if len(digits) % 2:

@@ -153,6 +153,12 @@ def test_a_cut_off_answer_is_kept_at_each_try(fake_bus, tmp_path):
     assert all(data == sim.Meter(address=48).telegrams()[0][:20] for _, data in got)
     assert all(c.group(5) == "answer cut off after 20 of 142 bytes" for c, _ in got), got
     assert entries(capture) == []
+    decoded = invoke(["--decode", str(capture)])  # nothing but refused answers in it
+    assert decoded.exit_code == 1
+    assert decoded.stderr.splitlines() == [
+        f"kamstrup-textfile: {capture}: no frame, only comment lines (a capture keeps "
+        "refused answers as comments)"
+    ]
 
 
 class Misaddressed(sim.Meter):
