@@ -1673,23 +1673,8 @@ class Bus:
                     self.on_answer(secondary or target, frame, self.baudrate)
                 return telegram
 
-            telegram = self._attempts("REQ_UD2", once)
-            if telegrams and _same_reading(telegram, telegrams[-1]):
-                n = len(telegrams)
-                if telegram.access_number == telegrams[-1].access_number:
-                    raise MeterError(f"telegram {n + 1} repeats telegram {n} although the FCB "
-                                     "was toggled: the meter ignores the FCB")  # fmt: skip
-                raise MeterError(
-                    f"telegram {n + 1} repeats the records of telegram {n} and says more "
-                    "records follow again: the meter would never stop"
-                )
-            telegrams.append(telegram)
-            if not telegram.more_records_follow:
+            if chain(telegrams, self._attempts("REQ_UD2", once)):
                 return merge_telegrams(telegrams)
-            if len(telegrams) >= MAX_TELEGRAMS:
-                raise MeterError(
-                    f"still 'more records follow' after {MAX_TELEGRAMS} telegrams: gave up"
-                )
             fcb = not fcb
 
     # -- probes, for the scans -----------------------------------------------
@@ -2016,6 +2001,27 @@ def rates_in_use(bus: Bus, rates) -> list:
 
 def _same_reading(a: Telegram, b: Telegram) -> bool:
     return a.id == b.id and a.records == b.records
+
+
+def chain(telegrams: list, telegram: Telegram) -> bool:
+    """Add the answer to the next REQ_UD2 (FCB toggled) to a read's ``telegrams``;
+    whether the meter has said all.  A meter that answers with the telegram it sent
+    before, or that never stops, is a MeterError (the live read and its --decode alike)."""
+    if telegrams and _same_reading(telegram, telegrams[-1]):
+        n = len(telegrams)
+        if telegram.access_number == telegrams[-1].access_number:
+            raise MeterError(f"telegram {n + 1} repeats telegram {n} although the FCB "
+                             "was toggled: the meter ignores the FCB")  # fmt: skip
+        raise MeterError(
+            f"telegram {n + 1} repeats the records of telegram {n} and says more "
+            "records follow again: the meter would never stop"
+        )
+    telegrams.append(telegram)
+    if not telegram.more_records_follow:
+        return True
+    if len(telegrams) >= MAX_TELEGRAMS:
+        raise MeterError(f"still 'more records follow' after {MAX_TELEGRAMS} telegrams: gave up")
+    return False
 
 
 def _silence(timeout: float) -> str:
@@ -2538,8 +2544,13 @@ def readings_from_frames(frames: Sequence[bytes]) -> list:
         if pending and (telegram.address, telegram.id) != (pending[0].address, pending[0].id):
             readings.append(Reading(pending[0].address, merge_telegrams(pending)))
             pending = []
-        pending.append(telegram)
-        if not telegram.more_records_follow or len(pending) >= MAX_TELEGRAMS:
+        try:
+            done = chain(pending, telegram)
+        except MeterError as exc:  # as the live read failed
+            readings.append(Reading(telegram.address, error=str(exc)))
+            pending = []
+            continue
+        if done:
             readings.append(Reading(pending[0].address, merge_telegrams(pending)))
             pending = []
     if pending:
@@ -3004,7 +3015,9 @@ def _say(text: str, nl: bool = True) -> None:
 
 
 def _fail(message: str) -> None:
-    _say(f"{_prog()}: {message}")
+    """One line on stderr, whatever the message holds (a port or file name with a line
+    break in it)."""
+    _say(f"{_prog()}: {_one_line(message)}")
 
 
 class Stopped(BaseException):
@@ -3282,6 +3295,8 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     if twice:
         raise click.BadParameter(f"label {twice[0]!r} is given twice", param_hint="--label")
     log = _say if verbose else None
+    if decode_file is not None and _from_environment("output"):
+        output = None  # KAMSTRUP_OUTPUT is the live file's: only --output may replace it
     if output is None:  # a decoded capture never replaces the live file unless asked to
         output = "-" if decode_file is not None else DEFAULT_OUTPUT
     if not output:
@@ -3346,14 +3361,20 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
     sys.exit(1 if failed else 0)
 
 
+def _from_environment(param: str) -> bool:
+    """Whether the environment set ``param`` (click 8; click 7 cannot tell: False)."""
+    source = getattr(click.core, "ParameterSource", None)  # click 8: Debian 11 has 7.1
+    ctx = click.get_current_context()
+    return source is not None and ctx.get_parameter_source(param) == source.ENVIRONMENT
+
+
 def _named(param: str) -> str:
     """An option as a usage error names it (--decode for decode_file): with its variable
     when the environment set it (KAMSTRUP_SCAN=1 left in /etc/default/kamstrup would
     stop every --once)."""
     ctx = click.get_current_context()
     (option,) = [p for p in ctx.command.params if p.name == param]
-    source = getattr(click.core, "ParameterSource", None)  # click 8: Debian 11 has 7.1
-    if source is None or ctx.get_parameter_source(param) != source.ENVIRONMENT:
+    if not _from_environment(param):
         return option.opts[0]
     envvar = option.envvar or f"{ctx.auto_envvar_prefix}_{param.upper()}"  # KAMSTRUP_SCAN
     if not isinstance(envvar, str):

@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+import click
 import pytest
 from test_sim_paths import stable
 
@@ -408,3 +409,51 @@ def test_a_port_name_that_is_not_ascii_or_breaks_lines_is_one_comment(fake_bus, 
     decoded = invoke(["--decode", str(capture)])
     assert decoded.exit_code == 0, decoded.stderr
     assert stable(decoded.stdout) == stable(live.read_text())
+
+
+# --- --decode gives the live read's verdict, not only its frames ---------------------------
+
+
+@pytest.mark.parametrize(
+    "meter, why",
+    [
+        (sim.Meter(address=48, multi=True, ignore_fcb=True), "ignores the FCB"),
+        (sim.Meter(address=48, endless=True), "the meter would never stop"),
+    ],
+)
+def test_a_read_that_failed_on_its_chain_of_telegrams_decodes_as_failed(
+    fake_bus, tmp_path, meter, why
+):
+    """Every telegram was an answer (captured), the chain was not: a telegram that
+    repeats the one before, a meter that never stops.  The decode says so too."""
+    fake_bus.append(meter)
+    capture = tmp_path / "frames.hex"
+    live = tmp_path / "live.prom"
+    result = invoke(["--once", "--address", "48", "--output", str(live), "--capture", str(capture)])
+    assert result.exit_code == 1 and why in result.stderr
+    assert 'kamstrup_up{address="48"} 0\n' in live.read_text()
+    decoded = invoke(["--decode", str(capture)])
+    assert decoded.exit_code == 1
+    assert why in decoded.stderr
+    assert 'kamstrup_up{address="48"} 0\n' in decoded.stdout
+    assert "kamstrup_energy_joules_total" not in decoded.stdout
+
+
+def test_decode_writes_stdout_whatever_kamstrup_output_says(fake_bus, tmp_path):
+    """KAMSTRUP_OUTPUT from a sourced /etc/default/kamstrup must not let an old capture
+    replace the live file with readings that look fresh: only --output does."""
+    fake_bus.append(sim.Meter(address=48))
+    capture = tmp_path / "frames.hex"
+    result = invoke(["--once", "--address", "48", "--output", "-", "--capture", str(capture)])
+    assert result.exit_code == 0, result.stderr
+    live = tmp_path / "live.prom"
+    live.write_text("live\n")
+    decoded = invoke(["--decode", str(capture)], env={"KAMSTRUP_OUTPUT": str(live)})
+    assert decoded.exit_code == 0, decoded.stderr
+    if hasattr(click.core, "ParameterSource"):
+        assert live.read_text() == "live\n"
+        assert 'kamstrup_up{address="48"} 1\n' in decoded.stdout
+    else:  # click 7 cannot tell where a value came from: the README says so
+        assert 'kamstrup_up{address="48"} 1\n' in live.read_text()
+    asked = invoke(["--decode", str(capture), "--output", str(live)])
+    assert asked.exit_code == 0 and 'kamstrup_up{address="48"} 1\n' in live.read_text()

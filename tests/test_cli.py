@@ -399,3 +399,20 @@ def test_decode_writes_to_stdout_unless_told(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'kamstrup_up{address="74"} 1\n' in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--once", "--port", "/tmp/nope\nsecond line", "--output", "-"],
+        ["--decode", "{tmp}/bad\nname.hex"],
+        ["--once", "--port", "/tmp/nope", "--output", "-", "--capture", "/nonexist/a\nb.hex"],
+    ],
+)
+def test_a_failure_naming_a_file_with_a_line_break_is_one_line(args, tmp_path):
+    (tmp_path / "bad\nname.hex").write_text("zz\n")
+    result = run_tool(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 1
+    assert result.stderr.strip()
+    for line in result.stderr.splitlines():
+        assert line.startswith("kamstrup_textfile.py: "), result.stderr
