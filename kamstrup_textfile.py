@@ -2282,7 +2282,7 @@ SECRETS = frozenset(
 PROMETHEUS_LABELS = frozenset(("le", "quantile", "job", "instance"))
 
 RESERVED_LABELS = frozenset(
-    ("meter", "address", "sensor", "flag", "storage", "tariff", "subunit", "register",
+    ("meter", "address", "bus", "sensor", "flag", "storage", "tariff", "subunit", "register",
      "manufacturer", "version", "medium", "vife", "vib", "record", "unit", *IDENTIFIERS)
 )  # fmt: skip
 
@@ -2558,16 +2558,26 @@ def readings_from_frames(frames: Sequence[bytes]) -> list:
     return readings
 
 
-def exposition(readings: Sequence[Reading], const_labels=(), previous=None) -> str:
-    """The whole .prom text for a run; ``previous``: what the previous file said."""
+def exposition(readings: Sequence[Reading], const_labels=(), previous=None,
+               bus: str = "kamstrup") -> str:  # fmt: skip
+    """The whole .prom text for a run; ``previous``: what the previous file said.
+
+    Series of an address carry ``bus`` (two configurations writing into one textfile
+    directory never write the same series), and kamstrup_up the meter's serial number
+    when it is known, from this read or the previous file's (alerts follow a meter
+    whose address changes)."""
     previous = previous or Previous()
     exp = Exposition(const_labels)
     last_success = dict(previous.last_success)
     now = time.time()
     for reading in readings:
-        address = (("address", str(reading.address)),)
+        address = (("address", str(reading.address)), ("bus", bus))
         up = reading.telegram is not None
-        exp.add("up", address, 1 if up else 0)
+        if up:
+            known = meter_label(reading.telegram, reading.address)
+        else:
+            known = previous.meters.get(str(reading.address))
+        exp.add("up", address + ((("meter", known),) if known else ()), 1 if up else 0)
         exp.add("read_duration_seconds", address, round(reading.duration, 6))
         if up:
             last_success[str(reading.address)] = now
@@ -2650,12 +2660,15 @@ class Previous(_Plain):
     read (survives failed runs), the identity of the meter that answered at it, and the
     ids of meters already told apart by their address."""
 
-    __slots__ = ("last_success", "identities", "told_apart")
+    __slots__ = ("last_success", "identities", "told_apart", "meters", "buses")
 
-    def __init__(self, last_success=None, identities=None, told_apart=None):
+    def __init__(self, last_success=None, identities=None, told_apart=None, meters=None,
+                 buses=None):  # fmt: skip
         self.last_success = last_success or {}
         self.identities = identities or {}
         self.told_apart = told_apart or set()
+        self.meters = meters or {}  # address -> the serial number kamstrup_up carried
+        self.buses = buses or set()  # the bus labels the file carries
 
 
 _PER_ADDRESS = frozenset(("up", "read_duration_seconds", "last_success_timestamp_seconds",
@@ -2684,6 +2697,10 @@ def read_previous(path: str) -> Previous:
     for family, labels, value in _SAMPLE_LABELS.findall(text):
         pairs = {k: _unescape_label(v) for k, v in _LABEL_PAIR.findall(labels)}
         address = pairs.get("address")
+        if "bus" in pairs and family in _PER_ADDRESS:
+            previous.buses.add(pairs["bus"])
+        if family == "up" and address is not None and pairs.get("meter"):
+            previous.meters[address] = pairs["meter"]
         if family == "last_success_timestamp_seconds" and address is not None:
             try:
                 previous.last_success[address] = float(value)
@@ -2693,6 +2710,7 @@ def read_previous(path: str) -> Previous:
             previous.identities[address] = tuple(
                 pairs.get(k, "") for k in ("meter", "manufacturer", "version", "medium")
             )
+            previous.meters[address] = pairs["meter"]
         elif family not in _PER_ADDRESS and "meter" in pairs and address is not None:
             previous.told_apart.add(pairs["meter"])
     return previous
@@ -2839,6 +2857,34 @@ def write_atomic(path: str, text: str) -> None:
         pass  # the file is in place; a directory that cannot be fsynced is not an error
 
 
+def others_carrying(path: str, readings: Sequence[Reading], bus: str) -> list:
+    """[(file, what)] for each other .prom file beside ``path`` that carries a meter this
+    run read, or this run's bus: a renamed KAMSTRUP_OUTPUT leaves the old file behind,
+    and two configurations may read one meter."""
+    meters = {meter_label(r.telegram, r.address) for r in readings if r.telegram is not None}
+    directory = os.path.dirname(os.path.realpath(path))
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        other = os.path.join(directory, name)
+        if not name.endswith(".prom") or same_file(other, path):
+            continue
+        previous = read_previous(other)
+        shared = sorted(meters & set(previous.meters.values()))
+        if shared:
+            out.append((other, "meter " + ", ".join(shared)))
+        elif bus in previous.buses:
+            out.append((other, f"bus {bus!r}"))
+    return out
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def _remove_stale_temporaries(path: str) -> None:
     """Temporary files a killed run left behind (its pid is gone)."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -2969,6 +3015,298 @@ class LabelType(click.ParamType):
         return (name, text)
 
 
+# Settings: the file kamstrup.service reads, then the environment, then the command line.
+# A hand run (`kamstrup-textfile --once`) is so the timer's run.  Only the names below
+# are read: the environment is an interface, not a side door (click's automatic
+# KAMSTRUP_<PARAMETER> names took KAMSTRUP_VERSION=1.2 for --version and KAMSTRUP_LABELS
+# for --label).
+
+SETTINGS_FILE = "/etc/default/kamstrup"
+CONFIG_VARIABLE = "KAMSTRUP_CONFIG"  # the settings file, from the environment only
+SETTINGS = {  # name -> the option it sets (a parameter of cli())
+    "KAMSTRUP_PORT": "port",
+    "KAMSTRUP_BAUDRATE": "baudrate",
+    "KAMSTRUP_ADDRESS": "addresses",
+    "KAMSTRUP_TIMEOUT": "timeout",
+    "KAMSTRUP_RETRIES": "retries",
+    "KAMSTRUP_OUTPUT": "output",
+    "KAMSTRUP_BUS": "bus",
+    "KAMSTRUP_LABEL": "labels",
+    "KAMSTRUP_FORMAT": "fmt",
+    "KAMSTRUP_CAPTURE": "capture_file",
+}
+ACTIONS = {  # names a person may try; actions come from the command line only
+    "KAMSTRUP_ONCE": "--once", "KAMSTRUP_SCAN": "--scan",
+    "KAMSTRUP_SCAN_SECONDARY": "--scan-secondary", "KAMSTRUP_DECODE": "--decode",
+    "KAMSTRUP_VERSION": "--version", "KAMSTRUP_HELP": "--help", "KAMSTRUP_VERBOSE": "-v",
+}  # fmt: skip
+
+
+def read_settings(path: str) -> dict:
+    """NAME -> value of a settings file, as systemd's EnvironmentFile= passes them.
+
+    Its parser, not a shell's: quotes count only where a value starts (after ``=`` or a
+    closing quote), a ``# comment`` after a value is part of it, blanks after an
+    unquoted value and the CR of a CR LF line go, a backslash-newline continues a line,
+    lines starting with # or ; are comments, a key that is not a variable name (``export
+    X``) is ignored, and so is a value that is not UTF-8.  The last of a name wins.
+    Raises OSError if the file cannot be read."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    text = data.decode("utf-8", "surrogateescape")
+    out: dict = {}
+    key: list = []
+    value: list = []
+    state = "pre_key"
+    key_blank = value_blank = None  # where trailing blanks of the key / value begin
+    newline, blank = "\n\r", " \t\n\r"
+
+    def push() -> None:
+        name = "".join(key[:key_blank] if key_blank is not None else key)
+        text = "".join(value)
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and not _has_surrogates(text):
+            out[name] = text
+
+    for c in text + "\n":
+        if state == "pre_key":
+            if c in "#;":
+                state = "comment"
+            elif c not in blank:
+                state, key, value, key_blank = "key", [c], [], None
+        elif state == "key":
+            if c in newline:
+                state = "pre_key"
+            elif c == "=":
+                state, value_blank = "pre_value", None
+            else:
+                if c not in blank:
+                    key_blank = None
+                elif key_blank is None:
+                    key_blank = len(key)
+                key.append(c)
+        elif state == "pre_value":
+            if c in newline:
+                push()
+                state = "pre_key"
+            elif c == "'":
+                state = "single"
+            elif c == '"':
+                state = "double"
+            elif c == "\\":
+                state = "value_escape"
+            elif c not in blank:
+                state = "value"
+                value.append(c)
+        elif state == "value":
+            if c in newline:
+                if value_blank is not None:
+                    del value[value_blank:]
+                push()
+                state = "pre_key"
+            elif c == "\\":
+                state, value_blank = "value_escape", None
+            else:
+                if c not in blank:
+                    value_blank = None
+                elif value_blank is None:
+                    value_blank = len(value)
+                value.append(c)
+        elif state == "value_escape":
+            state = "value"
+            if c not in newline:  # a backslash-newline is eaten whole
+                value.append(c)
+        elif state == "single":
+            if c == "'":
+                state = "pre_value"
+            else:
+                value.append(c)
+        elif state == "double":
+            if c == '"':
+                state = "pre_value"
+            elif c == "\\":
+                state = "double_escape"
+            else:
+                value.append(c)
+        elif state == "double_escape":
+            state = "double"
+            if c in '"\\`$':
+                value.append(c)
+            elif c != "\n":
+                value += ["\\", c]
+        elif state == "comment":
+            if c == "\\":
+                state = "comment_escape"
+            elif c in newline:
+                state = "pre_key"
+        else:  # comment_escape
+            state = "comment"
+    if state in ("single", "double", "double_escape"):  # a quote left open at the end
+        push()
+    return out
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
+def _utf8(text: str) -> str:
+    """A command-line argument or environment value as the UTF-8 text its bytes are,
+    whatever the locale (LC_ALL=C with PYTHONUTF8=0 hands them over as surrogates);
+    bytes that are not UTF-8 stay surrogates, which the checks below refuse."""
+    if not _has_surrogates(text):
+        return text
+    try:
+        return os.fsencode(text).decode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return text
+
+
+class Setting(_Plain):
+    """One setting's value as text and where it came from ("KAMSTRUP_PORT in
+    /etc/default/kamstrup", "KAMSTRUP_PORT in the environment")."""
+
+    __slots__ = ("name", "text", "where")
+
+    def __init__(self, name: str, text: str, where: str):
+        self.name, self.text, self.where = name, text, where
+
+
+def settings(config: str | None, environ) -> tuple:
+    """({parameter: Setting} from the settings file, then the environment; [warnings]).
+
+    ``config``: the settings file (None: $KAMSTRUP_CONFIG, else /etc/default/kamstrup; a
+    default file that does not exist is no settings).  Values are stripped of
+    surrounding blanks (a trailing space made a file node_exporter never reads); a
+    name we do not know is a warning that names the nearest one we do."""
+    import difflib
+
+    explicit = config is not None or CONFIG_VARIABLE in environ
+    path = config if config is not None else environ.get(CONFIG_VARIABLE, SETTINGS_FILE)
+    path = path.strip()
+    found: dict = {}
+    warnings: list = []
+    seen_unknown: set = set()
+    sources = []
+    if path:
+        try:
+            sources.append((read_settings(path), f"in {_utf8(path)}"))
+        except FileNotFoundError:
+            if explicit:
+                raise click.UsageError(f"settings file {_utf8(path)} does not exist") from None
+        except OSError as exc:
+            raise click.UsageError(
+                f"cannot read settings file {_utf8(path)}: {exc.strerror or exc}"
+            ) from None
+    from_file = sources[0][0] if sources else {}
+    sources.append(({k: v for k, v in environ.items() if k.startswith("KAMSTRUP_")},
+                    "in the environment"))  # fmt: skip
+    for values, where in sources:
+        for name, text in values.items():
+            if name in SETTINGS:
+                text = _utf8(text).strip()
+                if where == "in the environment" and from_file.get(name, "").strip() == text:
+                    continue  # systemd passed the file's own line on: keep saying the file
+                if text:
+                    found[SETTINGS[name]] = Setting(name, text, f"{name} {where}")
+                else:
+                    found.pop(SETTINGS[name], None)  # NAME= (empty): the default again
+                continue
+            if name == CONFIG_VARIABLE:
+                if where != "in the environment":
+                    warnings.append(f"{name} {where} has no effect there: it names the file")
+                continue
+            if not name.startswith("KAMSTRUP_") or name in seen_unknown:
+                continue
+            seen_unknown.add(name)
+            if name in ACTIONS:
+                warnings.append(f"{name} {where} is ignored: {ACTIONS[name]} is given on "
+                                "the command line only")  # fmt: skip
+                continue
+            near = difflib.get_close_matches(name, list(SETTINGS), n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            warnings.append(f"{name} {where} is not a setting of {PROG}{hint}: ignored")
+    return found, warnings
+
+
+def _setting_value(ctx, param: str, setting: Setting):
+    """A setting's text as its option's type reads it, or one line naming the setting."""
+    (option,) = [p for p in ctx.command.params if p.name == param]
+    words = _split_labels(setting) if param == "labels" else setting.text.split()
+    if any(word.startswith("#") for word in words):
+        raise click.UsageError(
+            f"{setting.where} ends in a comment ({setting.text!r}): systemd keeps a # "
+            "after a value as part of it; put comments on lines of their own"
+        )
+    try:
+        if param in ("addresses", "labels"):
+            return tuple(option.type.convert(word, option, ctx) for word in words)
+        return option.type.convert(setting.text, option, ctx)
+    except click.BadParameter as exc:
+        raise click.UsageError(f"{setting.where}: {exc.message}") from None
+
+
+def _split_labels(setting: Setting) -> list:
+    """KAMSTRUP_LABEL's words, shell-style: 'location="boiler room" building=north'."""
+    import shlex
+
+    try:
+        return shlex.split(setting.text)
+    except ValueError as exc:  # No closing quotation
+        raise click.UsageError(f"{setting.where}: {exc} in {setting.text!r}") from None
+
+
+DEFAULTS = {  # what a setting is when neither the command line nor a setting gives it
+    "port": "/dev/ttymeterBus", "baudrate": 2400, "addresses": (), "timeout": None,
+    "retries": 2, "output": None, "bus": None, "labels": (), "fmt": "prom",
+    "capture_file": None,
+}  # fmt: skip
+
+
+def _default_bus(output: str) -> str:
+    """The output file's name without .prom: unique in one textfile directory, and the
+    same when the port is renamed or a meter gets another address."""
+    name = _utf8(os.path.basename(output))
+    return name[: -len(".prom")] if name.endswith(".prom") and name != ".prom" else name
+
+
+def _differ(value: dict, conf: dict) -> str:
+    """What of this run's meters is not the configuration's ("" when nothing is): the
+    port, the addresses (in any order), the bus, the labels."""
+    out = []
+    if value["port"] != conf["port"]:
+        out.append("--port")
+    if set(value["addresses"] or (ADDRESS_ANY,)) != set(conf["addresses"] or (ADDRESS_ANY,)):
+        out.append("--address")
+    if value["bus"] != conf["bus"]:
+        out.append("--bus")
+    if sorted(value["labels"]) != sorted(conf["labels"]):
+        out.append("--label")
+    return " and ".join(out)
+
+
+def _live_file_guard(value: dict, conf: dict, given: dict, where: dict) -> str:
+    """The output of a --once without --output: the live file, unless this run reads
+    other meters than the configuration names (a hand run with --address 48 would make
+    the live file forget the other meters and their last-success times): then stdout."""
+    output = value["output"]
+    differ = _differ(value, conf)
+    if not differ or output == "-":
+        return output
+    _fail(
+        f"{differ} {'is' if ' and ' not in differ else 'are'} not the configuration's "
+        f"({_described(conf, where)}): {_utf8(output)} is left as it is; the readings go to "
+        "standard output (--output FILE writes them to a file)"
+    )
+    return "-"
+
+
+def _described(conf: dict, where: dict) -> str:
+    """The configuration's meters in a few words, and where they were set."""
+    addresses = " ".join(str(a) for a in conf["addresses"]) or str(ADDRESS_ANY)
+    source = where.get("addresses") or where.get("port") or "the defaults"
+    return f"port {_utf8(conf['port'])}, address {addresses}; {source}"
+
+
 def _emit(text: str, output: str) -> None:
     if output == "-":
         _stdout(text)
@@ -3008,9 +3346,20 @@ def _prog() -> str:
 def _say(text: str, nl: bool = True) -> None:
     """A line on stderr (a diagnostic, a frame of -v, progress); a stderr that cannot
     be written (a full disk, a closed pipe) must not cost the reading: it is let go."""
+    line = text + ("\n" if nl else "")
     try:
-        click.echo(text, err=True, nl=nl)
-    except (OSError, ValueError):
+        data = line.encode("utf-8", "surrogateescape")  # a name's bytes as they came
+    except UnicodeEncodeError:
+        data = line.encode("utf-8", "backslashreplace")
+    try:
+        binary = getattr(sys.stderr, "buffer", None)
+        if binary is None:  # a test's stream, or a stderr without bytes
+            click.echo(text, err=True, nl=nl)
+            return
+        sys.stderr.flush()
+        binary.write(data)  # UTF-8 whatever the locale: the journal's encoding
+        binary.flush()
+    except (OSError, ValueError, AttributeError):
         pass
 
 
@@ -3163,95 +3512,120 @@ class _Command(click.Command):
         sys.exit(status or 0)
 
 
+def _setting(name: str, text: str) -> str:
+    """An option's help with the setting that also gives it."""
+    return f"{text} [{name}]"
+
+
 @click.command(
     "kamstrup-textfile",
     cls=_Command,
-    context_settings={"auto_envvar_prefix": "KAMSTRUP", "max_content_width": 100},
+    context_settings={"max_content_width": 100},
     epilog="""\b
 Examples:
+  kamstrup-textfile --once                                       # the timer's run, by hand
   kamstrup-textfile --port /dev/ttyUSB0 --baudrate auto --scan   # find the meters
   kamstrup-textfile --address 48 --once --output - -v            # one read, frames on stderr
   kamstrup-textfile --decode capture.hex --format json           # decode saved frames""",
 )
 @click.option(
     "--port",
-    default="/dev/ttymeterBus",
-    show_default=True,
-    help="Serial device or pyserial URL (socket://host:port, rfc2217://...).",
-)
+    default=None,
+    help=_setting("KAMSTRUP_PORT", "Serial device or pyserial URL (socket://host:port, "
+                  "rfc2217://...).  [default: /dev/ttymeterBus]"),
+)  # fmt: skip
 @click.option(
     "--baudrate",
     type=BaudrateType(),
-    default=2400,
-    show_default=True,
-    help="300, 600, 1200, 2400, 4800, 9600, 19200 or 38400, or auto: try 2400, 9600 and "
-    "300 (with --once, each meter at the first "
-    "rate it answers at; with the scans, every rate where something answers).",
-)
+    default=None,
+    help=_setting("KAMSTRUP_BAUDRATE",
+                  "300, 600, 1200, 2400, 4800, 9600, 19200 or 38400, or auto: try 2400, 9600 "
+                  "and 300 (with --once, each meter at the first rate it answers at; with the "
+                  "scans, every rate where something answers).  [default: 2400]"),
+)  # fmt: skip
 @click.option(
     "--address",
     "addresses",
-    envvar="KAMSTRUP_ADDRESS",
     type=AddressType(),
     multiple=True,
-    help="Primary address 0-250, 254 (the only meter on the bus; default) or an "
-    "8-digit secondary address. Repeatable.",
-)
+    help=_setting("KAMSTRUP_ADDRESS, space separated",
+                  "Primary address 0-250, 254 (the only meter on the bus; default) or an "
+                  "8-digit secondary address. Repeatable."),
+)  # fmt: skip
 @click.option(
     "--timeout",
     type=SecondsType(0.05, 60),
     default=None,
-    help="Seconds a meter may take to start its answer; never less than EN 13757-2's 330 "
-    "bit times + 50 ms (187.5 ms at 2400 baud).  [default: 1 with --once; that limit "
-    "with --scan and --scan-secondary]",
-)
+    help=_setting("KAMSTRUP_TIMEOUT",
+                  "Seconds a meter may take to start its answer; never less than EN 13757-2's "
+                  "330 bit times + 50 ms (187.5 ms at 2400 baud).  [default: 1 with --once; "
+                  "that limit with --scan and --scan-secondary]"),
+)  # fmt: skip
 @click.option(
     "--retries",
     type=click.IntRange(0, 10),
-    default=2,
-    show_default=True,
-    help="Further tries of a request that got no answer or a garbled one, on a quiet line.",
-)
+    default=None,
+    help=_setting("KAMSTRUP_RETRIES",
+                  "Further tries of a request that got no answer or a garbled one, on a quiet "
+                  "line.  [default: 2]"),
+)  # fmt: skip
 @click.option(
     "--output",
     default=None,
-    help=f"The .prom file to write atomically, or - for stdout.  [default: {DEFAULT_OUTPUT}; "
-    "with --decode: -]",
-)
+    help=_setting("KAMSTRUP_OUTPUT",
+                  f"The .prom file to write atomically, or - for stdout.  [default: "
+                  f"{DEFAULT_OUTPUT}; with --decode: -, and only --output gives another]"),
+)  # fmt: skip
+@click.option(
+    "--bus",
+    default=None,
+    metavar="NAME",
+    help=_setting("KAMSTRUP_BUS",
+                  "The bus label on every per-address series, which tells two buses (two "
+                  "configurations, one textfile directory) apart.  [default: the output "
+                  "file's name without .prom]"),
+)  # fmt: skip
 @click.option(
     "--format",
     "fmt",
-    envvar="KAMSTRUP_FORMAT",
     type=click.Choice(["prom", "json"]),
-    default="prom",
-    show_default=True,
-    help="prom: node_exporter's text format; json: every record decoded.",
-)
+    default=None,
+    help=_setting("KAMSTRUP_FORMAT",
+                  "prom: node_exporter's text format; json: every record decoded (never into a "
+                  ".prom file).  [default: prom]"),
+)  # fmt: skip
 @click.option(
     "--label",
     "labels",
-    envvar="KAMSTRUP_LABEL",
     type=LabelType(),
     multiple=True,
-    help="NAME=VALUE: a constant label on every series. Repeatable.",
+    help=_setting("KAMSTRUP_LABEL, shell-style quoting: 'room=\"boiler room\" "
+                  "building=north'", "NAME=VALUE: a constant label on every series. Repeatable."),
+)  # fmt: skip
+@click.option(
+    "--capture",
+    "capture_file",
+    default=None,
+    metavar="FILE",
+    help=_setting("KAMSTRUP_CAPTURE",
+                  "With --once: append every answer to FILE as hex, each after a # line saying "
+                  "when, port, address and baud rate (answers refused, e.g. for a bad "
+                  "checksum, as # lines with why); --decode FILE reads it back."),
+)  # fmt: skip
+@click.option(
+    "--config",
+    default=None,
+    metavar="FILE",
+    help=f"The settings file, read before the environment and the command line ('' for "
+    f"none).  [default: ${CONFIG_VARIABLE}, else {SETTINGS_FILE}]",
 )
 @click.option("--once", is_flag=True, help="Read every meter once, write the file, exit.")
 @click.option(
     "--decode",
     "decode_file",
-    type=click.File("r"),
+    type=click.File("rb"),
     default=None,
     help="Decode hex frames from FILE (- for stdin) instead of reading the bus.",
-)
-@click.option(
-    "--capture",
-    "capture_file",
-    envvar="KAMSTRUP_CAPTURE",
-    default=None,
-    metavar="FILE",
-    help="With --once: append every answer to FILE as hex, each after a # line saying when, "
-    "port, address and baud rate (answers refused, e.g. for a bad checksum, as # lines "
-    "with why); --decode FILE reads it back.",
 )
 @click.option(
     "--scan",
@@ -3268,21 +3642,27 @@ Examples:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
 @click.version_option(__version__)
-def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, decode_file,
-        capture_file, scan, scan_secondary, verbose):  # fmt: skip
+def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, capture_file,
+        config, once, decode_file, scan, scan_secondary, verbose):  # fmt: skip
     """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
 
     Give one of --once (read the meters, write the file: what the timer runs),
     --scan or --scan-secondary (find the meters on a bus), or --decode FILE.
 
-    Every option can also be set as KAMSTRUP_<OPTION> in the environment
-    (KAMSTRUP_PORT, KAMSTRUP_ADDRESS="48 133", KAMSTRUP_LABEL="location=cellar").
+    Settings come from /etc/default/kamstrup (the file kamstrup.service reads), then
+    the environment, then the command line, each overriding the one before: a hand run
+    is the timer's run.  The names in [brackets] are the only ones read.  A run whose
+    meters (--port, --address, --bus, --label) are not the configuration's leaves the
+    configuration's output alone and writes to stdout, unless --output names another
+    file.
+
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
+    ctx = click.get_current_context()
     modes = [
-        _named(param)
-        for param, on in (("once", once), ("decode_file", decode_file), ("scan", scan),
-                          ("scan_secondary", scan_secondary))
+        option
+        for option, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
+                           ("--scan-secondary", scan_secondary))
         if on
     ]  # fmt: skip
     if len(modes) != 1:
@@ -3290,17 +3670,60 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
         raise click.UsageError(
             f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE"
         )
+    found, warnings = settings(config, os.environ)
+    for text in warnings:
+        _fail(f"warning: {text}")
+    given = {"port": port, "baudrate": baudrate, "addresses": addresses, "timeout": timeout,
+             "retries": retries, "output": output, "bus": bus, "labels": labels,
+             "fmt": fmt, "capture_file": capture_file}  # fmt: skip
+    given = {k: v for k, v in given.items() if v not in (None, ())}
+    configured = {param: _setting_value(ctx, param, s) for param, s in found.items()}
+    if decode_file is not None:
+        configured.pop("output", None)  # KAMSTRUP_OUTPUT is the live file's: --output only
+    where = {param: s.where for param, s in found.items()}
+    value = {**DEFAULTS, **configured, **given}
+    conf = {**DEFAULTS, **configured}  # what the timer's run uses
+    for param in ("port", "output", "capture_file", "bus"):
+        if param in given:
+            value[param] = given[param].strip() if param == "bus" else given[param]
+    if value["output"] is None:  # a decoded capture never replaces the live file unless asked
+        value["output"] = "-" if decode_file is not None else DEFAULT_OUTPUT
+    if conf["output"] is None:
+        conf["output"] = DEFAULT_OUTPUT
+    for values in (value, conf):
+        if values["bus"] is None:
+            values["bus"] = _default_bus(values["output"] if values["output"] != "-"
+                                         else conf["output"])  # fmt: skip
+    port, baudrate, timeout, retries, output, bus, fmt, labels, capture_file = (
+        value[k] for k in ("port", "baudrate", "timeout", "retries", "output", "bus", "fmt",
+                           "labels", "capture_file")
+    )  # fmt: skip
+    addresses = list(dict.fromkeys(value["addresses"])) or [ADDRESS_ANY]
     names = [name for name, _ in labels]
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
-        raise click.BadParameter(f"label {twice[0]!r} is given twice", param_hint="--label")
-    log = _say if verbose else None
-    if decode_file is not None and _from_environment("output"):
-        output = None  # KAMSTRUP_OUTPUT is the live file's: only --output may replace it
-    if output is None:  # a decoded capture never replaces the live file unless asked to
-        output = "-" if decode_file is not None else DEFAULT_OUTPUT
+        hint = where.get("labels", "--label") if "labels" not in given else "--label"
+        raise click.BadParameter(f"label {twice[0]!r} is given twice", param_hint=hint)
     if not output:
         raise click.BadParameter("an empty file name (- is stdout)", param_hint="--output")
+    if not _utf8(bus) or _has_surrogates(_utf8(bus)):
+        raise click.BadParameter(f"{bus!r}: a bus needs a name in UTF-8", param_hint="--bus")
+    if fmt == "json" and output != "-" and output.endswith(".prom"):
+        said = where["fmt"] if "fmt" in where and "fmt" not in given else "--format json"
+        raise click.UsageError(
+            f"{said} would write JSON into {_utf8(output)}, which node_exporter would reject "
+            "(a scrape error for every textfile): use --output - or a file not ending in .prom"
+        )
+    if once and "output" not in given:
+        output = _live_file_guard(value, conf, given, where)
+    elif once and output != "-" and conf["output"] != "-" and same_file(output, conf["output"]):
+        differ = _differ(value, conf)
+        if differ:
+            raise click.UsageError(
+                f"--output {_utf8(output)} is the live file, and this run's {differ} "
+                f"is not the configuration's: it would forget meters (use another file or -)"
+            )
+    log = _say if verbose else None
     if once and output != "-":
         try:  # before the meters pay for a read
             check_output(output)
@@ -3309,17 +3732,16 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
             sys.exit(1)
     if capture_file is not None:
         _check_capture(capture_file, once, output)
-    addresses = list(dict.fromkeys(addresses)) or [ADDRESS_ANY]
     capture = None
 
     if decode_file is not None:
         try:
-            text = decode_file.read(DECODE_LIMIT + 1)
-            if len(text) > DECODE_LIMIT:
+            data = decode_file.read(DECODE_LIMIT + 1)
+            if len(data) > DECODE_LIMIT:
                 raise FrameError(
                     f"more than {DECODE_LIMIT >> 20} MiB: not a capture of M-Bus answers"
                 )
-            readings = readings_from_frames(split_frames(parse_hex(text)))
+            readings = readings_from_frames(split_frames(parse_hex(_capture_text(data))))
         except FrameError as exc:
             _fail(f"{getattr(decode_file, 'name', '-')}: {exc}")
             sys.exit(1)
@@ -3349,37 +3771,33 @@ def cli(port, baudrate, addresses, timeout, retries, output, fmt, labels, once, 
         text = render_json(readings)
     else:
         previous = read_previous(output) if output != "-" else None
-        text = exposition(readings, labels, previous)
+        text = exposition(readings, labels, previous, bus=_utf8(bus))
     try:
         _emit(text, output)
     except OutputError as exc:
         _fail(str(exc))
         sys.exit(1)
+    if output != "-" and fmt == "prom":
+        for other, what in others_carrying(output, readings, _utf8(bus)):
+            _fail(f"warning: {_utf8(other)} carries {what} too (an output renamed, or a second "
+                  "configuration with the same meters?): node_exporter keeps one of the two "
+                  "series; remove the file that is not written any more")  # fmt: skip
     if _STOPPING["signum"] is not None:  # the file says which meters were not read
         sys.exit(128 + _STOPPING["signum"])
     failed = any(r.error for r in readings) or (capture is not None and capture.failed)
     sys.exit(1 if failed else 0)
 
 
-def _from_environment(param: str) -> bool:
-    """Whether the environment set ``param`` (click 8; click 7 cannot tell: False)."""
-    source = getattr(click.core, "ParameterSource", None)  # click 8: Debian 11 has 7.1
-    ctx = click.get_current_context()
-    return source is not None and ctx.get_parameter_source(param) == source.ENVIRONMENT
-
-
-def _named(param: str) -> str:
-    """An option as a usage error names it (--decode for decode_file): with its variable
-    when the environment set it (KAMSTRUP_SCAN=1 left in /etc/default/kamstrup would
-    stop every --once)."""
-    ctx = click.get_current_context()
-    (option,) = [p for p in ctx.command.params if p.name == param]
-    if not _from_environment(param):
-        return option.opts[0]
-    envvar = option.envvar or f"{ctx.auto_envvar_prefix}_{param.upper()}"  # KAMSTRUP_SCAN
-    if not isinstance(envvar, str):
-        envvar = "/".join(envvar)
-    return f"{option.opts[0]} ({envvar} in the environment)"
+def _capture_text(data: bytes) -> str:
+    """A capture's bytes as text, UTF-8 whatever the locale: a comment may say anything
+    (a person's note, a port named /dev/zähler), the frames are hex."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        lines = data.splitlines(keepends=True)
+        if all(line.lstrip().startswith(b"#") for line in lines if not line.isascii()):
+            return data.decode("utf-8", "replace")
+        raise
 
 
 def _check_capture(path: str, once: bool, output: str) -> None:

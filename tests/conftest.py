@@ -1,5 +1,6 @@
 """Makes the module importable from a plain checkout (python3 -m pytest from the top)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,3 +35,13 @@ def fake_bus(monkeypatch):
 
     monkeypatch.setattr(kt, "open_port", open_port)
     return meters
+
+
+@pytest.fixture(autouse=True)
+def no_settings_file(monkeypatch):
+    """No test reads this machine's /etc/default/kamstrup by accident: the settings file
+    is none unless a test names one (--config, or KAMSTRUP_CONFIG itself)."""
+    monkeypatch.setenv("KAMSTRUP_CONFIG", "")
+    for name in [n for n in os.environ if n.startswith("KAMSTRUP_") and n != "KAMSTRUP_CONFIG"]:
+        if name != "KAMSTRUP_DEB":
+            monkeypatch.delenv(name)
