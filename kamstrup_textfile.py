@@ -2995,7 +2995,7 @@ class LabelType(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
-        name, sep, text = str(value).partition("=")
+        name, sep, text = _utf8(str(value)).partition("=")  # UTF-8 whatever the locale
         if not sep:
             self.fail(f"{value!r} is not NAME=VALUE", param, ctx)
         if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
