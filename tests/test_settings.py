@@ -70,9 +70,12 @@ def up_lines(text: str) -> list:
 # --- the settings file, parsed as systemd parses it ----------------------------------------
 
 # FIELD-NOTES.md's table (tried on Debian 13, systemd 257), and more of systemd's rules.
-SYSTEMD_READS = [
+SYSTEMD_READS = [  # fmt: skip
     ('A=location="boiler room"\n', {"A": 'location="boiler room"'}),
-    ("B='location=\"boiler room\" building=north'\n", {"B": 'location="boiler room" building=north'}),
+    (
+        "B='location=\"boiler room\" building=north'\n",
+        {"B": 'location="boiler room" building=north'},
+    ),
     ('C="location=boiler room"\n', {"C": "location=boiler room"}),
     ("D=kamstrup.prom   \n", {"D": "kamstrup.prom"}),
     ("F=x # comment\n", {"F": "x # comment"}),
@@ -187,7 +190,8 @@ def test_a_hand_run_with_other_meters_writes_where_output_says(tmp_path):
 def test_a_failing_meter_keeps_its_serial_number_on_kamstrup_up(tmp_path):
     config, live = live_config(tmp_path)
     assert hand_run(config).returncode == 0
-    done = hand_run(config, meters=["--meter", "303:48:71234567", "--meter", "403:133:67434187,silent"])
+    silent = ["--meter", "303:48:71234567", "--meter", "403:133:67434187,silent"]
+    done = hand_run(config, meters=silent)
     assert done.returncode == 1
     text = live.read_text()
     assert 'kamstrup_up{address="133",bus="kamstrup",meter="67434187"} 0' in up_lines(text)
@@ -300,7 +304,8 @@ def test_a_comment_after_a_value_is_a_usage_error_naming_the_setting(tmp_path):
 
 
 def test_a_label_with_a_space_through_the_environment(tmp_path):
-    done = decode_run("--output", "-", KAMSTRUP_LABEL="location=\"boiler room\" building='north wing'")
+    labels = "location=\"boiler room\" building='north wing'"
+    done = decode_run("--output", "-", KAMSTRUP_LABEL=labels)
     assert done.returncode == 0, done.stderr
     assert b'location="boiler room",building="north wing"} 1' in done.stdout
     done = decode_run("--output", "-", KAMSTRUP_LABEL='location="boiler room')
