@@ -3730,6 +3730,8 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         except OutputError as exc:
             _fail(str(exc))
             sys.exit(1)
+    if capture_file is not None and not once and "capture_file" not in given:
+        capture_file = None  # KAMSTRUP_CAPTURE is the timer's: a scan or a decode has none
     if capture_file is not None:
         _check_capture(capture_file, once, output)
     capture = None

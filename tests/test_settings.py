@@ -266,6 +266,14 @@ def test_a_bad_value_names_the_variable_and_where_it_came_from(tmp_path):
     assert b"--retries" not in done.stderr
 
 
+def test_the_timers_capture_does_not_stop_a_decode(tmp_path):
+    done = decode_run("--output", "-", KAMSTRUP_CAPTURE=str(tmp_path / "capture.hex"))
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "capture.hex").exists()
+    done = decode_run("--capture", str(tmp_path / "capture.hex"))
+    assert done.returncode == 2, "given on the command line, it is a usage error as before"
+
+
 def test_json_is_never_written_to_a_prom_path(tmp_path):
     out = tmp_path / "kamstrup.prom"
     done = decode_run("--output", str(out), KAMSTRUP_FORMAT="json")
