@@ -3067,7 +3067,7 @@ def read_settings(path: str) -> dict:
         if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and not _has_surrogates(text):
             out[name] = text
 
-    for c in text + "\n":
+    for c in text:
         if state == "pre_key":
             if c in "#;":
                 state = "comment"
@@ -3140,8 +3140,10 @@ def read_settings(path: str) -> dict:
                 state = "pre_key"
         else:  # comment_escape
             state = "comment"
-    if state in ("single", "double", "double_escape"):  # a quote left open at the end
-        push()
+    if state == "value" and value_blank is not None:  # the end of the file ends a line
+        del value[value_blank:]
+    if state in ("pre_value", "value", "value_escape", "single", "double", "double_escape"):
+        push()  # a quote left open at the end of the file: what it holds
     return out
 
 
@@ -3242,7 +3244,11 @@ def _setting_value(ctx, param: str, setting: Setting):
             return tuple(option.type.convert(word, option, ctx) for word in words)
         return option.type.convert(setting.text, option, ctx)
     except click.BadParameter as exc:
-        raise click.UsageError(f"{setting.where}: {exc.message}") from None
+        hint = ""
+        if param == "labels" and "is not NAME=VALUE" in exc.message:
+            hint = (" (a label value with blanks is quoted, and the whole value too: "
+                    f"{setting.name}='location=\"boiler room\"')")  # fmt: skip
+        raise click.UsageError(f"{setting.where}: {exc.message}{hint}") from None
 
 
 def _split_labels(setting: Setting) -> list:

@@ -87,7 +87,9 @@ SYSTEMD_READS = [  # fmt: skip
     ("N='multi\nline'\n", {"N": "multi\nline"}),
     ("O=first\nO=second\n", {"O": "second"}),
     ('P="quoted" tail\n', {"P": "quotedtail"}),
-    ("Q=no newline at the end", {"Q": "no newline at the end"}),
+    ("Q=no newline at the end  ", {"Q": "no newline at the end"}),
+    ("R='open quote at the end", {"R": "open quote at the end"}),
+    ("S=", {"S": ""}),
 ]
 
 
