@@ -3279,8 +3279,10 @@ def _differ(value: dict, conf: dict) -> str:
     """What of this run's meters is not the configuration's ("" when nothing is): the
     port, the addresses (in any order), the bus, the labels."""
     out = []
-    if value["port"] != conf["port"]:
-        out.append("--port")
+    if value["port"] != conf["port"] and (
+        "://" in value["port"] + conf["port"] or not same_file(value["port"], conf["port"])
+    ):
+        out.append("--port")  # /dev/ttyUSB0 for the link /dev/ttymeterBus is the same bus
     if set(value["addresses"] or (ADDRESS_ANY,)) != set(conf["addresses"] or (ADDRESS_ANY,)):
         out.append("--address")
     if value["bus"] != conf["bus"]:

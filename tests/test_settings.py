@@ -169,6 +169,20 @@ def test_a_hand_run_with_other_meters_leaves_the_live_file_alone(tmp_path):
     assert sorted(os.listdir(live.parent)) == ["kamstrup.prom"]
 
 
+def test_the_configured_port_by_another_name_is_the_same_bus(tmp_path):
+    """The file names the udev link, the hand run the device it points to."""
+    config, live = live_config(tmp_path)
+    link = tmp_path / "ttymeterBus"
+    config.write_text(config.read_text() + f"KAMSTRUP_PORT={link}\n")
+    script = ('ln -s "$KAMSTRUP_PORT" "$1"; p=$KAMSTRUP_PORT; unset KAMSTRUP_PORT '
+              'KAMSTRUP_BAUDRATE; shift; exec "$@" --port "$p"')  # fmt: skip
+    cmd = [*SIM, *TWO, "--", "sh", "-c", script, "sh", str(link), sys.executable, TOOL,
+           "--config", str(config), "--once"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, env=env(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b"" and len(up_lines(live.read_text())) == 2
+
+
 def test_a_hand_run_with_other_meters_may_not_name_the_live_file(tmp_path):
     config, live = live_config(tmp_path)
     assert hand_run(config).returncode == 0
