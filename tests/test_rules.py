@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -10,9 +11,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from tools import ROOT, require_tool
+    from tools import ROOT, parse_exposition, require_tool, run_simulated_read
 except ImportError:  # tests/ imported as a package
-    from tests.tools import ROOT, require_tool
+    from tests.tools import ROOT, parse_exposition, require_tool, run_simulated_read
 
 RULES_DIR = ROOT / "rules"
 ALERTS = RULES_DIR / "kamstrup.rules.yml"
@@ -41,8 +42,10 @@ OUR_METRICS = {
     "kamstrup_read_duration_seconds",
     "kamstrup_meter_info",
     "kamstrup_last_success_timestamp_seconds",
+    "kamstrup_host_clock_valid",
     "node_textfile_mtime_seconds",
     "node_textfile_scrape_error",
+    "node_time_seconds",  # node_exporter's time collector, for the clock skew alert
 }
 
 # The old prometheus-mbus-exporter's names (see rules/kamstrup-legacy.rules.yml).
@@ -161,10 +164,16 @@ def test_alerts_cover_the_required_subjects():
     exprs = alert_exprs(ALERTS.read_text())
     joined = "\n".join(exprs.values())
     assert "kamstrup_up == 0" in exprs.values()
-    assert any(
-        "time() - node_textfile_mtime_seconds" in e and "kamstrup.prom" in e for e in exprs.values()
-    )
-    assert any(e.startswith("absent(node_textfile_mtime_seconds") for e in exprs.values())
+    # staleness on Prometheus's timeline: the mtime changing between scrapes
+    assert "changes(node_textfile_mtime_seconds" in exprs["KamstrupTextfileStale"]
+    # absence per instance, and nowhere at all
+    assert "unless on (instance) node_textfile_mtime_seconds" in exprs["KamstrupTextfileAbsent"]
+    assert "absent(node_textfile_mtime_seconds" in exprs["KamstrupTextfileAbsent"]
+    assert "node_textfile_scrape_error == 1" in exprs.values()
+    assert "kamstrup_host_clock_valid == 0" in exprs.values()
+    # MetricsGone: by the meter's serial number; by address only without one
+    assert "unless on (instance, meter) kamstrup_up" in exprs["KamstrupMetricsGone"]
+    assert "unless on (instance, address) kamstrup_up" in exprs["KamstrupMetricsGone"]
     for flag in ('flag=~".*leak.*"', 'flag=~".*burst.*"', 'flag=~".*air.*"', 'flag="low_battery"'):
         assert flag in joined, flag
     (temperature,) = [e for e in exprs.values() if "t1_above_range" in e]
@@ -175,6 +184,31 @@ def test_alerts_cover_the_required_subjects():
         "invalid_temperature_difference",
     ):
         assert flag in temperature
+
+
+def test_no_alert_compares_the_hosts_clock_with_prometheus_but_the_skew_alert():
+    """time() against a timestamp the host wrote fires on a host clock that is
+    off (2 h behind: stale while fine; 2 h ahead: silent while stale)."""
+    for name, expr in alert_exprs(ALERTS.read_text()).items():
+        if name == "KamstrupHostClockSkew":
+            assert "node_time_seconds - timestamp(node_time_seconds)" in expr
+        else:
+            assert "time()" not in expr and "timestamp(" not in expr, name
+
+
+def test_file_matchers_take_our_files_by_name_or_path_and_no_other():
+    """node_exporter 1.5 labels a file by its name, newer ones by its path; a
+    second bus's kamstrup-heat.prom is ours, apt.prom or notkamstrup.prom not."""
+    text = ALERTS.read_text()
+    found = set(re.findall(r'node_textfile_mtime_seconds\{file=~"([^"]+)"\}', text))
+    assert len(found) == 1, found
+    (regex,) = found
+    ours = ["kamstrup.prom", "/var/lib/prometheus/node-exporter/kamstrup.prom"]
+    ours += ["kamstrup-heat.prom", "/srv/textfile/kamstrup_cooling.prom"]
+    for name in ours:
+        assert re.fullmatch(regex, name), name
+    for name in ["apt.prom", "notkamstrup.prom", "/x/kamstrup.prom/y.prom", "kamstrup.json"]:
+        assert not re.fullmatch(regex, name), name
 
 
 def test_rules_use_only_metrics_the_tool_writes():
@@ -192,3 +226,304 @@ def test_legacy_rules_record_every_old_name():
     assert OLD_NAMES <= recorded
     assert "kamstrup_temperature_celcius" in recorded  # the old typo, on purpose
     assert not recorded & OUR_METRICS
+
+
+# ------------------------------------------------- fed with the tool's output
+# The cases below replay files that kamstrup_textfile really writes (read from
+# kamstrup_sim's simulated bus), one sample a minute, through the rules with
+# promtool: the label sets are the tool's, not typed by hand.
+
+HOST = {"instance": "heat:9100", "job": "node"}
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def labels_of(text: str) -> dict[str, str]:
+    """{name: value} of an exposition's '{a="b",...}' (escapes kept as written)."""
+    return dict(LABEL.findall(text))
+
+
+def real_read(output: Path, *addresses: str, meters=("303:48:71234567", "403:133:67434187")):
+    """[(name, {labels}, value)] of the file one --once run writes at *output*."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    args = ["--output", str(output)]
+    for address in addresses:
+        args += ["--address", address]
+    proc = run_simulated_read(*args, meters=meters)
+    assert proc.returncode in (0, 1), proc.stderr  # 1: a meter failed, as some do here
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return [(n, labels_of(lb), v) for n, lb, v in parse_exposition(output.read_text())]
+
+
+def up(samples) -> list[dict[str, str]]:
+    return [labels for name, labels, _ in samples if name == "kamstrup_up"]
+
+
+def series_text(name: str, labels: dict[str, str]) -> str:
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
+
+
+def replay(phases) -> list[dict]:
+    """promtool input series: each phase is (samples, minutes); a series is there
+    (one sample a minute) in the phases whose file has it, missing ('_') in the rest.
+    Samples are HOST's unless they carry an instance of their own."""
+    order: list[tuple[str, tuple]] = []
+    values: dict[tuple[str, tuple], list[str]] = {}
+    for samples, _ in phases:
+        for name, labels, _ in samples:
+            key = (name, tuple(sorted({**HOST, **labels}.items())))
+            if key not in values:
+                order.append(key)
+                values[key] = []
+    for samples, minutes in phases:
+        now = {(n, tuple(sorted({**HOST, **lb}.items()))): v for n, lb, v in samples}
+        for key in order:
+            token = repr(now[key]) if key in now else "_"
+            values[key] += [token] * minutes
+    return [
+        {"series": series_text(name, dict(labels)), "values": " ".join(values[(name, labels)])}
+        for name, labels in order
+    ]
+
+
+def run_case(tmp_path: Path, phases, checks) -> str:
+    """promtool test rules with *phases* replayed and *checks* (alert_rule_test
+    entries); the test file is JSON, which is YAML."""
+    d = stage(tmp_path)
+    case = {
+        "rule_files": [ALERTS.name],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": replay(phases), "alert_rule_test": checks}],
+    }
+    (d / "real.test.yml").write_text(json.dumps(case, indent=1))
+    proc = promtool("test", "rules", "real.test.yml", cwd=d)
+    return proc.stdout + proc.stderr if proc.returncode else ""
+
+
+def fires(alertname: str, minutes: int, *alerts: tuple[dict, dict]) -> dict:
+    """An alert_rule_test entry: *alerts* are (labels, annotations) pairs."""
+    return {
+        "eval_time": f"{minutes}m",
+        "alertname": alertname,
+        "exp_alerts": [
+            {"exp_labels": {"severity": "warning", **labels}, "exp_annotations": notes}
+            for labels, notes in alerts
+        ],
+    }
+
+
+def gone(meter: str) -> tuple[dict, dict]:
+    """KamstrupMetricsGone for *meter* on HOST, with its annotations."""
+    where = f"{HOST['instance']}"
+    return {"meter": meter, **HOST}, {
+        "summary": f"Kamstrup metrics for meter {meter} on {where} disappeared",
+        "description": f'No kamstrup_up on {where} carries meter="{meter}" any more, at any'
+        " address or bus. If the meter was removed or replaced on purpose, this resolves a"
+        " day after it went; otherwise check node_textfile_scrape_error and the .prom file.",
+    }
+
+
+def not_read(labels: dict) -> tuple[dict, dict]:
+    """KamstrupMeterNotRead for the kamstrup_up series *labels* on HOST."""
+    address = labels["address"]
+    return {**labels, **HOST}, {
+        "summary": f"Kamstrup meter at M-Bus address {address} on {HOST['instance']} is not read",
+        "description": f"kamstrup_textfile got no valid answer from M-Bus address {address} for"
+        " 30 minutes. Check the bus wiring, the address (KAMSTRUP_ADDRESS) and `journalctl"
+        " -u kamstrup.service`.",
+    }
+
+
+def test_real_output_address_change_is_not_a_meter_gone(tmp_path):
+    """The README's first read at 254, then the real address 48: the same meter,
+    read fine all along; KamstrupMetricsGone stays silent."""
+    out = tmp_path / "kamstrup.prom"
+    first = real_read(out, "254", meters=("303:48:71234567",))
+    then = real_read(out, "48", meters=("303:48:71234567",))
+    assert [lb.get("meter") for lb in up(first)] == ["71234567"], up(first)
+    assert [lb.get("meter") for lb in up(then)] == ["71234567"], up(then)
+    failed = run_case(
+        tmp_path,
+        [(first, 30), (then, 90)],
+        [
+            fires("KamstrupMetricsGone", 60),
+            fires("KamstrupMetricsGone", 110),
+            fires("KamstrupMeterNotRead", 110),
+        ],
+    )
+    assert not failed, failed
+
+
+def test_real_output_bus_rename_is_not_a_meter_gone(tmp_path):
+    """KAMSTRUP_OUTPUT renamed from kamstrup.prom to heat.prom (so the bus label
+    changes from kamstrup to heat): the meters are the same, nothing is gone."""
+    first = real_read(tmp_path / "a" / "kamstrup.prom", "48", "133")
+    then = real_read(tmp_path / "b" / "heat.prom", "48", "133")
+    assert {lb.get("bus") for lb in up(first)} == {"kamstrup"}, up(first)
+    assert {lb.get("bus") for lb in up(then)} == {"heat"}, up(then)
+    failed = run_case(tmp_path, [(first, 30), (then, 90)], [fires("KamstrupMetricsGone", 60)])
+    assert not failed, failed
+
+
+def test_real_output_upgrade_adding_bus_and_meter_is_not_a_meter_gone(tmp_path):
+    """Before the upgrade the per-address series had neither `bus` nor `meter`
+    (the same file with them taken out); after it they do: nothing is gone, a
+    meter that never answered (address 7) included."""
+    out = tmp_path / "kamstrup.prom"
+    after = real_read(out, "48", "133", "7")
+    old_labels = ("bus", "meter")
+    before = [
+        (n, {k: v for k, v in lb.items() if not (k in old_labels and "address" in lb)}, v)
+        for n, lb, v in after
+    ]
+    assert all("meter" in lb for lb in up(after) if lb["address"] != "7"), up(after)
+    failed = run_case(tmp_path, [(before, 30), (after, 90)], [fires("KamstrupMetricsGone", 60)])
+    assert not failed, failed
+
+
+def test_real_output_meter_dropped_fires_once_by_its_serial_number(tmp_path):
+    out = tmp_path / "kamstrup.prom"
+    first = real_read(out, "48", "133")
+    then = real_read(out, "48")
+    (dropped,) = [lb for lb in up(first) if lb["address"] == "133"]
+    assert dropped.get("meter") == "67434187", dropped
+    failed = run_case(
+        tmp_path,
+        [(first, 30), (then, 90)],
+        [
+            fires("KamstrupMetricsGone", 30),
+            fires("KamstrupMetricsGone", 60, gone("67434187")),
+            fires("KamstrupMeterNotRead", 60),
+        ],
+    )
+    assert not failed, failed
+
+
+def test_real_output_meter_swapped_at_the_same_address_fires_for_the_old_one(tmp_path):
+    out = tmp_path / "kamstrup.prom"
+    first = real_read(out, "48", meters=("303:48:71234567",))
+    then = real_read(out, "48", meters=("303:48:71234568",))
+    assert [lb.get("meter") for lb in up(then)] == ["71234568"], up(then)
+    failed = run_case(
+        tmp_path,
+        [(first, 30), (then, 90)],
+        [fires("KamstrupMetricsGone", 60, gone("71234567"))],
+    )
+    assert not failed, failed
+
+
+def test_real_output_meter_not_read_keeps_its_serial_number(tmp_path):
+    """A meter read once, then silent: kamstrup_up 0 keeps meter="..." from the
+    previous file, so KamstrupMeterNotRead fires with it and nothing is 'gone'."""
+    out = tmp_path / "kamstrup.prom"
+    first = real_read(out, "48", meters=("303:48:71234567",))
+    then = real_read(out, "48", meters=("403:133:67434187",))
+    (failing,) = up(then)
+    assert failing.get("meter") == "71234567", failing
+    failed = run_case(
+        tmp_path,
+        [(first, 15), (then, 60)],
+        [
+            fires("KamstrupMeterNotRead", 40),
+            fires("KamstrupMeterNotRead", 60, not_read(failing)),
+            fires("KamstrupMetricsGone", 60),
+        ],
+    )
+    assert not failed, failed
+
+
+def node_exporter_metrics(directory: Path, instance: str) -> list:
+    """The textfile collector's series as prometheus-node-exporter exports
+    *directory*: our metrics and node_textfile_*, labelled with *instance*."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exporter = subprocess.Popen(
+        [
+            require_tool("prometheus-node-exporter"),
+            "--collector.disable-defaults",
+            "--collector.textfile",
+            f"--collector.textfile.directory={directory}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30  # a wait for it to listen, not an assertion
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as answer:
+                    text = answer.read().decode()
+                break
+            except OSError:
+                assert exporter.poll() is None and time.monotonic() < deadline, "no node_exporter"
+                time.sleep(0.1)
+    finally:
+        exporter.terminate()
+        exporter.wait()
+    return [
+        (name, {**labels_of(lb), "instance": instance}, v)
+        for name, lb, v in parse_exposition(text)
+        if name.startswith(("kamstrup_", "node_textfile_"))
+    ]
+
+
+def test_real_node_exporter_dropping_our_file_alerts_for_that_host_within_the_hour(tmp_path):
+    """JSON written into kamstrup.prom on one of two hosts: node_exporter drops
+    the file (its mtime goes, node_textfile_scrape_error is 1); that host, and
+    only it, gets KamstrupTextfileScrapeError and KamstrupTextfileAbsent."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    real_read(a / "kamstrup.prom", "48")
+    real_read(b / "kamstrup.prom", "48")
+    good_a = node_exporter_metrics(a, "a:9100")
+    good_b = node_exporter_metrics(b, "b:9100")
+    assert ("node_textfile_scrape_error", {"instance": "a:9100"}, 0.0) in good_a
+    proc = run_simulated_read("--output", "-", "--format", "json", "--address", "48")
+    assert proc.returncode == 0 and proc.stdout.lstrip().startswith("{"), proc.stderr
+    (a / "kamstrup.prom").write_text(proc.stdout)
+    broken_a = node_exporter_metrics(a, "a:9100")
+    assert ("node_textfile_scrape_error", {"instance": "a:9100"}, 1.0) in broken_a
+    assert not [s for s in broken_a if s[0] == "node_textfile_mtime_seconds"], broken_a
+    host_a = {"instance": "a:9100", "job": "node"}
+    failed = run_case(
+        tmp_path,
+        [(good_a + good_b, 30), (broken_a + good_b, 60)],
+        [
+            fires("KamstrupTextfileScrapeError", 30),
+            fires("KamstrupTextfileAbsent", 30),
+            fires(
+                "KamstrupTextfileScrapeError",
+                50,
+                (
+                    host_a,
+                    {
+                        "summary": "node_exporter on a:9100 drops a file of its textfile directory",
+                        "description": "node_textfile_scrape_error is 1 on a:9100: node_exporter's"
+                        " log names the file and the error (`journalctl -u"
+                        " prometheus-node-exporter`). kamstrup_textfile never writes such a"
+                        " file: check KAMSTRUP_FORMAT and KAMSTRUP_OUTPUT, and the other"
+                        " collectors writing into that directory.",
+                    },
+                ),
+            ),
+            fires(
+                "KamstrupTextfileAbsent",
+                55,
+                (
+                    host_a,
+                    {
+                        "summary": "a:9100 no longer exports kamstrup.prom",
+                        "description": "node_textfile_mtime_seconds for kamstrup.prom is missing"
+                        " on a:9100. Is kamstrup.timer enabled, is the file in node_exporter's"
+                        " --collector.textfile.directory, and is node_textfile_scrape_error 0?",
+                    },
+                ),
+            ),
+        ],
+    )
+    assert not failed, failed
