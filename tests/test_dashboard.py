@@ -155,6 +155,25 @@ def test_panels_cover_the_required_subjects():
     assert find(r"^kamstrup_up$|^kamstrup_up\{")
 
 
+def test_per_address_legends_tell_two_buses_apart():
+    """Two buses on one host may both have a meter at address 48: every legend of
+    a per-address series names the bus as well."""
+    found = [t for _, t in targets(load()) if "{{address}}" in t.get("legendFormat", "")]
+    assert len(found) >= 3
+    for target in found:
+        assert "{{bus}}" in target["legendFormat"], target["expr"]
+
+
+def test_textfile_panel_takes_the_files_the_alerts_take():
+    """The same file matcher as rules/kamstrup.rules.yml (a second bus's
+    kamstrup-heat.prom too), one line per file."""
+    rules = (ROOT / "rules" / "kamstrup.rules.yml").read_text()
+    (matcher,) = set(re.findall(r'node_textfile_mtime_seconds\{file=~"[^"]+"\}', rules))
+    (target,) = [t for _, t in targets(load()) if "node_textfile_mtime_seconds" in t["expr"]]
+    assert matcher in target["expr"]
+    assert "{{file}}" in target["legendFormat"]
+
+
 def test_every_query_returns_data_for_the_real_tool_output(tmp_path):
     """Evaluate each query with promtool on what kamstrup_textfile writes.
 
