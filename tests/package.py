@@ -42,6 +42,7 @@ _NOT_SOURCE = shutil.ignore_patterns(
     "dist",
     "*.prom",
     ".venv-pymeterbus",
+    ".venv-pykmp",
 )
 
 
