@@ -3042,6 +3042,10 @@ ACTIONS = {  # names a person may try; actions come from the command line only
 }  # fmt: skip
 
 
+class SettingsError(ValueError):
+    """A settings file that systemd would refuse whole."""
+
+
 def read_settings(path: str) -> dict:
     """NAME -> value of a settings file, as systemd's EnvironmentFile= passes them.
 
@@ -3049,10 +3053,14 @@ def read_settings(path: str) -> dict:
     closing quote), a ``# comment`` after a value is part of it, blanks after an
     unquoted value and the CR of a CR LF line go, a backslash-newline continues a line,
     lines starting with # or ; are comments, a key that is not a variable name (``export
-    X``) is ignored, and so is a value that is not UTF-8.  The last of a name wins.
-    Raises OSError if the file cannot be read."""
+    X``) is ignored.  The last of a name wins.  Raises OSError if the file cannot be
+    read, and SettingsError where systemd refuses the whole file (the service then does
+    not start): a NUL byte, a name or value that is not UTF-8."""
     with open(path, "rb") as f:
         data = f.read(1 << 20)
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise SettingsError(f"line {line} holds a NUL byte")
     text = data.decode("utf-8", "surrogateescape")
     out: dict = {}
     key: list = []
@@ -3064,7 +3072,9 @@ def read_settings(path: str) -> dict:
     def push() -> None:
         name = "".join(key[:key_blank] if key_blank is not None else key)
         text = "".join(value)
-        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and not _has_surrogates(text):
+        if _has_surrogates(name + text):
+            raise SettingsError(f"{_utf8(name)!r} is not UTF-8")
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             out[name] = text
 
     for c in text:
@@ -3174,7 +3184,8 @@ class Setting(_Plain):
 
 
 def settings(config: str | None, environ) -> tuple:
-    """({parameter: Setting} from the settings file, then the environment; [warnings]).
+    """({parameter: Setting} from the settings file, then the environment; the same from
+    the file alone; [warnings]).
 
     ``config``: the settings file (None: $KAMSTRUP_CONFIG, else /etc/default/kamstrup; a
     default file that does not exist is no settings).  Values are stripped of
@@ -3199,10 +3210,18 @@ def settings(config: str | None, environ) -> tuple:
             raise click.UsageError(
                 f"cannot read settings file {_utf8(path)}: {exc.strerror or exc}"
             ) from None
+        except SettingsError as exc:
+            raise click.UsageError(
+                f"settings file {_utf8(path)}: {exc}: systemd refuses the whole file "
+                "(kamstrup.service does not start)"
+            ) from None
     from_file = sources[0][0] if sources else {}
     sources.append(({k: v for k, v in environ.items() if k.startswith("KAMSTRUP_")},
                     "in the environment"))  # fmt: skip
+    in_file: dict = {}
     for values, where in sources:
+        if where == "in the environment":
+            in_file = dict(found)
         for name, text in values.items():
             if name in SETTINGS:
                 text = _utf8(text).strip()
@@ -3227,7 +3246,7 @@ def settings(config: str | None, environ) -> tuple:
             near = difflib.get_close_matches(name, list(SETTINGS), n=1, cutoff=0.6)
             hint = f" (did you mean {near[0]}?)" if near else ""
             warnings.append(f"{name} {where} is not a setting of {PROG}{hint}: ignored")
-    return found, warnings
+    return found, in_file, warnings
 
 
 def _setting_value(ctx, param: str, setting: Setting):
@@ -3275,34 +3294,42 @@ def _default_bus(output: str) -> str:
     return name[: -len(".prom")] if name.endswith(".prom") and name != ".prom" else name
 
 
-def _differ(value: dict, conf: dict) -> str:
+def _differ(value: dict, conf: dict, given: dict, where: dict) -> str:
     """What of this run's meters is not the configuration's ("" when nothing is): the
-    port, the addresses (in any order), the bus, the labels."""
+    port, the addresses (in any order), the bus, the labels; named as they were given."""
     out = []
-    if value["port"] != conf["port"] and (
-        "://" in value["port"] + conf["port"] or not same_file(value["port"], conf["port"])
-    ):
-        out.append("--port")  # /dev/ttyUSB0 for the link /dev/ttymeterBus is the same bus
-    if set(value["addresses"] or (ADDRESS_ANY,)) != set(conf["addresses"] or (ADDRESS_ANY,)):
-        out.append("--address")
-    if value["bus"] != conf["bus"]:
-        out.append("--bus")
-    if sorted(value["labels"]) != sorted(conf["labels"]):
-        out.append("--label")
+    for param, option in (("port", "--port"), ("addresses", "--address"), ("bus", "--bus"),
+                          ("labels", "--label")):  # fmt: skip
+        mine, theirs = value[param], conf[param]
+        if param == "port" and "://" not in mine + theirs and same_file(mine, theirs):
+            continue  # /dev/ttyUSB0 for the link /dev/ttymeterBus is the same bus
+        if param == "addresses":
+            mine, theirs = set(mine or (ADDRESS_ANY,)), set(theirs or (ADDRESS_ANY,))
+        elif param == "labels":
+            mine, theirs = sorted(mine), sorted(theirs)
+        if mine != theirs:
+            out.append(option if param in given else where.get(param, option))
     return " and ".join(out)
 
 
-def _live_file_guard(value: dict, conf: dict, given: dict, where: dict) -> str:
-    """The output of a --once without --output: the live file, unless this run reads
-    other meters than the configuration names (a hand run with --address 48 would make
-    the live file forget the other meters and their last-success times): then stdout."""
+def _live_file_guard(value: dict, conf: dict, given: dict, where: dict, conf_where: dict
+                     ) -> str:  # fmt: skip
+    """The output of a --once that would write the live file (the configuration's): that
+    file, unless this run reads other meters than the configuration names (a hand run
+    with --address 48 would make it forget the other meters and their last-success
+    times): then stdout, or a usage error when --output named the live file itself."""
     output = value["output"]
-    differ = _differ(value, conf)
-    if not differ or output == "-":
+    differ = _differ(value, conf, given, where)
+    if not differ:
         return output
+    if "output" in given:
+        raise click.UsageError(
+            f"--output {_utf8(output)} is the live file, and this run's {differ} "
+            f"is not the configuration's: it would forget meters (use another file or -)"
+        )
     _fail(
         f"{differ} {'is' if ' and ' not in differ else 'are'} not the configuration's "
-        f"({_described(conf, where)}): {_utf8(output)} is left as it is; the readings go to "
+        f"({_described(conf, conf_where)}): {_utf8(output)} is left as it is; the readings go to "
         "standard output (--output FILE writes them to a file)"
     )
     return "-"
@@ -3678,7 +3705,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         raise click.UsageError(
             f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE"
         )
-    found, warnings = settings(config, os.environ)
+    found, in_file, warnings = settings(config, os.environ)
     for text in warnings:
         _fail(f"warning: {text}")
     given = {"port": port, "baudrate": baudrate, "addresses": addresses, "timeout": timeout,
@@ -3690,7 +3717,12 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         configured.pop("output", None)  # KAMSTRUP_OUTPUT is the live file's: --output only
     where = {param: s.where for param, s in found.items()}
     value = {**DEFAULTS, **configured, **given}
-    conf = {**DEFAULTS, **configured}  # what the timer's run uses
+    # What the timer's run uses: the settings file, and the unit's environment when
+    # systemd started us ($INVOCATION_ID); a hand run's KAMSTRUP_ADDRESS=48 is a hand run's.
+    service = "INVOCATION_ID" in os.environ
+    if not service:
+        configured_file = {p: _setting_value(ctx, p, s) for p, s in in_file.items()}
+    conf = {**DEFAULTS, **(configured if service else configured_file)}
     for param in ("port", "output", "capture_file", "bus"):
         if param in given:
             value[param] = given[param].strip() if param == "bus" else given[param]
@@ -3722,15 +3754,9 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
             f"{said} would write JSON into {_utf8(output)}, which node_exporter would reject "
             "(a scrape error for every textfile): use --output - or a file not ending in .prom"
         )
-    if once and "output" not in given:
-        output = _live_file_guard(value, conf, given, where)
-    elif once and output != "-" and conf["output"] != "-" and same_file(output, conf["output"]):
-        differ = _differ(value, conf)
-        if differ:
-            raise click.UsageError(
-                f"--output {_utf8(output)} is the live file, and this run's {differ} "
-                f"is not the configuration's: it would forget meters (use another file or -)"
-            )
+    if once and output != "-" and same_file(output, conf["output"]):
+        conf_where = where if service else {p: s.where for p, s in in_file.items()}
+        output = _live_file_guard(value, conf, given, where, conf_where)
     log = _say if verbose else None
     if once and output != "-":
         try:  # before the meters pay for a read

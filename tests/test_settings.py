@@ -100,9 +100,26 @@ def test_the_settings_file_reads_as_systemd_reads_it(tmp_path, text, expected):
     assert kt.read_settings(str(path)) == expected
 
 
-def test_a_value_that_is_not_utf8_is_ignored_as_systemd_ignores_it(tmp_path):
+@pytest.mark.parametrize(
+    "data", [b"A=K\xf6ln\n", b"KAMSTRUP_\xc4DDRESS=48\n", b"A='\xff'\n", b"A=48\x00\n",
+             b"# a NUL \x00 in a comment\nA=1\n"],
+)  # fmt: skip
+def test_a_file_systemd_refuses_is_refused(tmp_path, data):
+    """systemd 252 refuses the whole file (the unit does not start: "Bad message",
+    tests/test_container.py shows it): so does the tool, one line, exit 2."""
     path = tmp_path / "kamstrup"
-    path.write_bytes(b"A=K\xfcche\nB=ok\n")
+    path.write_bytes(data)
+    with pytest.raises(kt.SettingsError):
+        kt.read_settings(str(path))
+    done = run("--once", "--config", str(path), "--output", str(tmp_path / "k.prom"))
+    assert done.returncode == 2 and done.stderr.count(b"\n") == 1
+    assert f"settings file {path}:".encode() in done.stderr
+    assert not (tmp_path / "k.prom").exists()
+
+
+def test_a_comment_that_is_not_utf8_is_a_comment(tmp_path):
+    path = tmp_path / "kamstrup"
+    path.write_bytes(b"# K\xf6ln\nB=ok\n")
     assert kt.read_settings(str(path)) == {"B": "ok"}
 
 
@@ -111,7 +128,11 @@ def test_a_value_that_is_not_utf8_is_ignored_as_systemd_ignores_it(tmp_path):
 def test_any_bytes_give_settings_or_nothing_never_an_exception(tmp_path_factory, data):
     path = tmp_path_factory.mktemp("s") / "kamstrup"
     path.write_bytes(data)
-    found = kt.read_settings(str(path))
+    try:
+        found = kt.read_settings(str(path))
+    except kt.SettingsError:
+        assert b"\0" in data or not data.decode("utf-8", "ignore").encode() == data
+        return
     assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) for name in found)
 
 
@@ -181,6 +202,21 @@ def test_the_configured_port_by_another_name_is_the_same_bus(tmp_path):
     done = subprocess.run(cmd, capture_output=True, env=env(), timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr == b"" and len(up_lines(live.read_text())) == 2
+
+
+def test_the_environment_of_a_hand_run_is_not_the_configuration(tmp_path):
+    """KAMSTRUP_ADDRESS=48 kamstrup-textfile --once is a hand run of one meter; under
+    systemd ($INVOCATION_ID) the unit's environment is the configuration."""
+    config, live = live_config(tmp_path)
+    assert hand_run(config).returncode == 0
+    before = live.read_bytes()
+    done = hand_run(config, environ=env(KAMSTRUP_ADDRESS="48"))
+    assert done.returncode == 0, done.stderr
+    assert live.read_bytes() == before
+    assert b"KAMSTRUP_ADDRESS in the environment is not the configuration's" in done.stderr
+    done = hand_run(config, environ=env(KAMSTRUP_ADDRESS="48", INVOCATION_ID="0123abcd"))
+    assert done.returncode == 0 and done.stderr == b""
+    assert len(up_lines(live.read_text())) == 1
 
 
 def test_a_hand_run_with_other_meters_may_not_name_the_live_file(tmp_path):
