@@ -706,29 +706,28 @@ def _utc_offset(text: str, summer: bool) -> str | None:
     SU clear: the standard-time offset, but only in the autumn's repeated hour, where
     the local time alone names two instants.  Elsewhere a clear bit says nothing: meters
     that ignore summer time send it clear all year.
+    The zone's rules are asked for the meter's own date, never through time.daylight,
+    time.timezone or time.altzone: CPython sets those from the host's current year (a
+    board that boots in 1970 before NTP would have no summer time in Europe).
     """
-    if not time.daylight:  # a zone without summer time (UTC): nothing to decide
-        return None
     import datetime as dt
 
     fields = (int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]),
               int(text[14:16]))  # fmt: skip
-    # The local time read as UTC, then moved by the zone's standard and summer offsets
-    # (time.timezone, time.altzone: seconds west): each reading that gives this local
-    # time back exists.  (mktime with tm_isdst=1 would search a year for summer time.)
+    # The local time read as UTC ("wall"); the offsets the zone has within a day of it
+    # (a change of offset is a step, so the ones in force then are among those seen a
+    # day either side); each offset that gives this local time back names an instant.
     wall = (dt.date(*fields[:3]).toordinal() - 719163) * 86400 + fields[3] * 3600 + fields[4] * 60
-    offsets = {}
-    for isdst, west in ((0, time.timezone), (1, time.altzone)):
-        try:
-            local = time.localtime(wall + west)
-        except (OverflowError, ValueError, OSError):
-            return None
-        if local.tm_isdst == isdst and local[:5] == fields:
-            offsets[isdst] = local.tm_gmtoff
+    try:
+        seen = {time.localtime(wall + step).tm_gmtoff for step in (-86400, 0, 86400)}
+        found = [time.localtime(wall - gmtoff) for gmtoff in seen]
+    except (OverflowError, ValueError, OSError):
+        return None
+    offsets = {local.tm_isdst > 0: local.tm_gmtoff for local in found if local[:5] == fields}
     if summer:
-        offset = offsets.get(1)
+        offset = offsets.get(True)
     elif len(offsets) == 2:
-        offset = offsets[0]
+        offset = offsets[False]
     else:
         return None
     if offset is None:
