@@ -3377,7 +3377,8 @@ def _fail(message: str) -> None:
 
 
 class Stopped(BaseException):
-    """SIGTERM (systemd's timeout, a shutdown) or Ctrl-C: the read stops where it is."""
+    """SIGTERM (systemd's timeout, a shutdown), Ctrl-C or SIGHUP (a closed SSH session):
+    the read stops where it is."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -3394,7 +3395,7 @@ _STOPPING = {"signum": None, "raise_": True}  # what the handler does; see main(
 
 
 def _stop(signum, frame) -> None:
-    """The first SIGTERM or SIGINT stops the read (unwinding: no temporary is left, the
+    """The first SIGTERM, SIGINT or SIGHUP stops the read (unwinding: no temporary is left, the
     meters not read are written as such); once the output is being written, a signal
     waits for the write to end, and the exit status is 128 + the signal's number."""
     if _STOPPING["signum"] is None:
@@ -4069,7 +4070,8 @@ class _Progress:
 def main() -> None:
     import signal
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a closed SSH session (or terminal) ends a hand run as systemd's stop does
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _stop)
     cli()  # named as invoked
 
