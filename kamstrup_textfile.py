@@ -706,29 +706,28 @@ def _utc_offset(text: str, summer: bool) -> str | None:
     SU clear: the standard-time offset, but only in the autumn's repeated hour, where
     the local time alone names two instants.  Elsewhere a clear bit says nothing: meters
     that ignore summer time send it clear all year.
+    The zone's rules are asked for the meter's own date, never through time.daylight,
+    time.timezone or time.altzone: CPython sets those from the host's current year (a
+    board that boots in 1970 before NTP would have no summer time in Europe).
     """
-    if not time.daylight:  # a zone without summer time (UTC): nothing to decide
-        return None
     import datetime as dt
 
     fields = (int(text[0:4]), int(text[5:7]), int(text[8:10]), int(text[11:13]),
               int(text[14:16]))  # fmt: skip
-    # The local time read as UTC, then moved by the zone's standard and summer offsets
-    # (time.timezone, time.altzone: seconds west): each reading that gives this local
-    # time back exists.  (mktime with tm_isdst=1 would search a year for summer time.)
+    # The local time read as UTC ("wall"); the offsets the zone has within a day of it
+    # (a change of offset is a step, so the ones in force then are among those seen a
+    # day either side); each offset that gives this local time back names an instant.
     wall = (dt.date(*fields[:3]).toordinal() - 719163) * 86400 + fields[3] * 3600 + fields[4] * 60
-    offsets = {}
-    for isdst, west in ((0, time.timezone), (1, time.altzone)):
-        try:
-            local = time.localtime(wall + west)
-        except (OverflowError, ValueError, OSError):
-            return None
-        if local.tm_isdst == isdst and local[:5] == fields:
-            offsets[isdst] = local.tm_gmtoff
+    try:
+        seen = {time.localtime(wall + step).tm_gmtoff for step in (-86400, 0, 86400)}
+        found = [time.localtime(wall - gmtoff) for gmtoff in seen]
+    except (OverflowError, ValueError, OSError):
+        return None
+    offsets = {local.tm_isdst > 0: local.tm_gmtoff for local in found if local[:5] == fields}
     if summer:
-        offset = offsets.get(1)
+        offset = offsets.get(True)
     elif len(offsets) == 2:
-        offset = offsets[0]
+        offset = offsets[False]
     else:
         return None
     if offset is None:
@@ -2240,6 +2239,8 @@ HELP = {
     "read_duration_seconds": "Time spent reading the meter at this address in this run.",
     "last_success_timestamp_seconds": "Unix time of the last successful read of this address.",
     "meter_info": "Identity of the meter that answered at this address.",
+    "host_clock_valid": "1 if the host's clock is plausible (after the release, near the "
+    "meters' clocks), 0 if not: then no last-success time is taken from it.",
     "energy_joules_total": "Heat energy E1 (register 1), current value.",
     "cooling_energy_joules_total": "Cooling energy E3 (negative contributions), current value.",
     "volume_cubic_meters_total": "Volume V1, current value.",
@@ -2558,18 +2559,136 @@ def readings_from_frames(frames: Sequence[bytes]) -> list:
     return readings
 
 
+# --- The host's clock ------------------------------------------------------------------
+#
+# kamstrup_last_success_timestamp_seconds is the host's clock.  A clock that is wrong (a
+# board without a real-time clock boots in 1970 and reads the meters before NTP; a clock
+# set hours ahead) must not leave a time that looks true and is carried forward run after
+# run.  What the tool can know:
+# - Before this release's date the clock is wrong for sure: the package did not exist.
+# - "In the future" needs a second clock.  The meters' own clocks (a type F date-time
+#   record, which MULTICAL 302/603 send) are one, read in this run: a host clock more than
+#   CLOCK_MARGIN from every meter's is wrong (one meter whose clock was never set does
+#   not outvote the host when another meter agrees with it).  The margin is wide: a meter
+#   that ignores summer time is an hour off all summer, and meter clocks drift minutes a
+#   year; two hours off is caught.  A meter set to UTC, far from Greenwich, is taken as
+#   right: the line names the meter's time, so the person sees which clock to set.
+# - The previous file is the other: its last-success times were written by earlier runs,
+#   so one later than now means the clock was ahead then, or is behind now (a board that
+#   boots with the time it saved at shutdown).  Without a meter's clock the tool cannot
+#   tell which: now is not trusted, and the times ahead of it are dropped (kept, a clock
+#   ahead then would make every later run look wrong until the real time passed them).
+#   With a meter's clock that agrees with now, the clock was ahead then: now is valid.
+# The dates a meter sends are converted with the host's zone rules for their own date
+# (_utc_offset, _local_timestamp): they never read the host's current time.
+
+RELEASED = "2026-11-25"  # debian/changelog's newest entry: a host clock before it is wrong
+CLOCK_MARGIN = 5400.0  # seconds the host's clock may be off every meter's clock
+KEPT_MARGIN = 300.0  # seconds a kept last-success time may be ahead of now (NTP slewing)
+_ADVICE = "set it (NTP: systemd-timesyncd or chrony; a real-time clock on a board without one)"
+
+
+class HostClock(_Plain):
+    """The host's clock at a run: ``reason`` it is wrong (None: plausible), and the best
+    guess of the present that kept times are judged by (None: nothing to judge by)."""
+
+    __slots__ = ("now", "reason", "present")
+
+    def __init__(self, now: float, reason: str | None = None, present: float | None = None):
+        self.now = now
+        self.reason = reason
+        self.present = present
+
+
+def _utc_text(when: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    except (OverflowError, ValueError, OSError):
+        return repr(when)
+
+
+def meter_clocks(readings: Sequence[Reading]) -> list:
+    """Each meter's own clock as it answered in this run (seconds since the epoch): its
+    current date-time record (type F or I: a date and a time)."""
+    clocks = []
+    for reading in readings:
+        if reading.telegram is None:
+            continue
+        for record in reading.telegram.records:
+            if (record.quantity == "datetime" and record.storage == 0
+                    and record.function == "instantaneous"
+                    and isinstance(record.value, str) and "T" in record.value):  # fmt: skip
+                when = _local_timestamp(record.value, record.utc_offset)
+                if when is not None:
+                    clocks.append(when)
+                    break
+    return clocks
+
+
+def host_clock(now: float, readings: Sequence[Reading] = (), previous=None) -> HostClock:
+    """Whether ``now`` is plausible (see above); ``readings``: a live read's, whose meters'
+    clocks are a second clock (a decoded capture's are as old as the capture)."""
+    import statistics
+
+    released = _released()
+    clocks = meter_clocks(readings)
+    meters = statistics.median(clocks) if clocks else None
+    said = f"the host's clock says {_utc_text(now)}"
+    if now < released:
+        reason = f"{said}, before this release ({RELEASED})"
+        return HostClock(now, f"{reason}: no time from it is kept; {_ADVICE}", meters)
+    if meters is not None and all(abs(now - when) > CLOCK_MARGIN for when in clocks):
+        off = now - meters
+        side = "ahead of" if off > 0 else "behind"
+        reason = f"{said}, {abs(off) / 3600:.1f} h {side} the meter's ({_utc_text(meters)})"
+        return HostClock(now, f"{reason}: no time from it is kept; {_ADVICE}", meters)
+    kept = previous.last_success.values() if previous is not None else ()
+    later = [when for when in kept if when > now + KEPT_MARGIN]
+    if later and not clocks:
+        reason = (f"{said}, before a last-success time the previous run wrote "
+                  f"({_utc_text(max(later))}): it is behind now, or was ahead then")  # fmt: skip
+        return HostClock(now, f"{reason}: no time from it is kept; {_ADVICE}", now)
+    return HostClock(now, None, now)
+
+
+def clock_check(now: float, readings: Sequence[Reading] = (), previous=None) -> str | None:
+    """Why the host's clock is wrong, in one line, or None (see host_clock)."""
+    return host_clock(now, readings, previous).reason
+
+
+def _released() -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(RELEASED).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def kept_last_success(previous, clock: HostClock) -> dict:
+    """The previous file's last-success times that a right clock could have written: not
+    before the release, not ahead of the present (when there is one to judge by)."""
+    released = _released()
+    return {
+        address: when
+        for address, when in previous.last_success.items()
+        if when >= released and (clock.present is None or when <= clock.present + KEPT_MARGIN)
+    }
+
+
 def exposition(readings: Sequence[Reading], const_labels=(), previous=None,
-               bus: str = "kamstrup") -> str:  # fmt: skip
-    """The whole .prom text for a run; ``previous``: what the previous file said.
+               bus: str = "kamstrup", clock: HostClock | None = None) -> str:  # fmt: skip
+    """The whole .prom text for a run; ``previous``: what the previous file said;
+    ``clock``: host_clock() of this run (by default of now, with these readings).
 
     Series of an address carry ``bus`` (two configurations writing into one textfile
     directory never write the same series), and kamstrup_up the meter's serial number
     when it is known, from this read or the previous file's (alerts follow a meter
     whose address changes)."""
     previous = previous or Previous()
+    if clock is None:
+        clock = host_clock(time.time(), readings, previous)
     exp = Exposition(const_labels)
-    last_success = dict(previous.last_success)
-    now = time.time()
+    last_success = kept_last_success(previous, clock)
+    now = clock.now if clock.reason is None else None  # no time from a wrong clock
+    exp.add("host_clock_valid", (("bus", bus),), 1 if clock.reason is None else 0)
     for reading in readings:
         address = (("address", str(reading.address)), ("bus", bus))
         up = reading.telegram is not None
@@ -2579,8 +2698,9 @@ def exposition(readings: Sequence[Reading], const_labels=(), previous=None,
             known = previous.meters.get(str(reading.address))
         exp.add("up", address + ((("meter", known),) if known else ()), 1 if up else 0)
         exp.add("read_duration_seconds", address, round(reading.duration, 6))
-        if up:
+        if up and now is not None:
             last_success[str(reading.address)] = now
+        if up:
             t = reading.telegram
             meter, manufacturer, version, medium = identity(t, reading.address)
             exp.add(
@@ -3404,8 +3524,18 @@ def _fail(message: str) -> None:
     _say(f"{_prog()}: {_one_line(message)}")
 
 
+def checked_clock(readings, previous, live: bool) -> HostClock:
+    """The host's clock for this run's file, said in one line when it is wrong; the
+    meters' clocks count only in a live read (a capture's are as old as the capture)."""
+    clock = host_clock(time.time(), readings if live else (), previous)
+    if clock.reason is not None:
+        _fail(clock.reason)
+    return clock
+
+
 class Stopped(BaseException):
-    """SIGTERM (systemd's timeout, a shutdown) or Ctrl-C: the read stops where it is."""
+    """SIGTERM (systemd's timeout, a shutdown), Ctrl-C or SIGHUP (a closed SSH session):
+    the read stops where it is."""
 
     def __init__(self, signum: int):
         super().__init__(signum)
@@ -3422,7 +3552,7 @@ _STOPPING = {"signum": None, "raise_": True}  # what the handler does; see main(
 
 
 def _stop(signum, frame) -> None:
-    """The first SIGTERM or SIGINT stops the read (unwinding: no temporary is left, the
+    """The first SIGTERM, SIGINT or SIGHUP stops the read (unwinding: no temporary is left, the
     meters not read are written as such); once the output is being written, a signal
     waits for the write to end, and the exit status is 128 + the signal's number."""
     if _STOPPING["signum"] is None:
@@ -3803,11 +3933,13 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         _report(readings)
     _STOPPING["raise_"] = False  # from here on a signal waits for the output to be written
 
+    clock = None
     if fmt == "json":
         text = render_json(readings)
     else:
         previous = read_previous(output) if output != "-" else None
-        text = exposition(readings, labels, previous, bus=_utf8(bus))
+        clock = checked_clock(readings, previous, live=decode_file is None)
+        text = exposition(readings, labels, previous, bus=_utf8(bus), clock=clock)
     try:
         _emit(text, output)
     except OutputError as exc:
@@ -3821,7 +3953,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     if _STOPPING["signum"] is not None:  # the file says which meters were not read
         sys.exit(128 + _STOPPING["signum"])
     failed = any(r.error for r in readings) or (capture is not None and capture.failed)
-    sys.exit(1 if failed else 0)
+    sys.exit(1 if failed or (clock is not None and clock.reason) else 0)
 
 
 def _capture_text(data: bytes) -> str:
@@ -4096,7 +4228,8 @@ class _Progress:
 def main() -> None:
     import signal
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a closed SSH session (or terminal) ends a hand run as systemd's stop does
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _stop)
     cli()  # named as invoked
 

@@ -26,6 +26,7 @@ PACKAGES=(
 	python3-pytest
 	python3-hypothesis
 	time # GNU time: peak RSS in bench/run.py (tests/test_bench.py)
+	faketime # a wrong host clock for one run (tests/test_summer_time.py, test_hostile_time.py)
 	# The Debian package and its test under a real systemd (tests/test_package.py,
 	# tests/test_container.py); the package's build dependencies come from
 	# debian/control below.
@@ -62,7 +63,7 @@ apt-get build-dep -y --no-install-recommends "$top/"
 
 missing=0
 for tool in promtool systemd-analyze udevadm /usr/bin/prometheus-node-exporter /usr/bin/python3 /usr/bin/time \
-	dpkg-buildpackage lintian /usr/sbin/debootstrap systemd-nspawn nsenter; do
+	dpkg-buildpackage lintian /usr/sbin/debootstrap systemd-nspawn nsenter faketime; do
 	if ! command -v "$tool" >/dev/null 2>&1; then
 		echo "install-tools.sh: ERROR: $tool is still missing after apt-get install" >&2
 		missing=1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -21,10 +23,10 @@ import kamstrup_textfile as k
 
 try:
     from test_properties import HEADER, encode_datetime_f, frame
-    from tools import run_tool
+    from tools import TOOL, require_tool, run_tool
 except ImportError:  # pragma: no cover - when run as a package
     from tests.test_properties import HEADER, encode_datetime_f, frame
-    from tests.tools import run_tool
+    from tests.tools import TOOL, require_tool, run_tool
 
 COPENHAGEN = "CET-1CEST,M3.5.0,M10.5.0/3"  # Europe/Copenhagen since 1996
 UTC = dt.timezone.utc
@@ -195,3 +197,82 @@ def test_a_meter_that_sets_su_is_read_right_at_every_minute(zone, moment):
     assert timestamp(t) == instant
     if local.tm_isdst:
         assert t.records[0].utc_offset == "+02:00"
+
+
+# --- whatever the host's clock says (issue 16, item 9) ---------------------------------
+
+ZONES = ("Europe/Copenhagen", "America/New_York", "Australia/Sydney", "Europe/London",
+         "UTC", "Asia/Kolkata")  # fmt: skip
+YEAR = 365 * 86400 + 21600  # CPython's year, for where it looks for January and July
+
+
+def pretend_now(monkeypatch, now: float) -> None:
+    """The process's notion of "now": time.time, and the module constants that CPython's
+    tzset computes from the current year (January's and July's offsets then)."""
+    monkeypatch.setattr(time, "time", lambda: now)
+    january = int(now // YEAR * YEAR)
+    jan = -time.localtime(january).tm_gmtoff
+    jul = -time.localtime(january + YEAR // 2).tm_gmtoff
+    standard, summer = (jul, jan) if jan < jul else (jan, jul)  # south: July is winter
+    monkeypatch.setattr(time, "timezone", standard)
+    monkeypatch.setattr(time, "altzone", summer)
+    monkeypatch.setattr(time, "daylight", int(jan != jul))
+
+
+NOWS = (0.0, 1e9, time.time(), 3e9)  # 1970, 2001, the real clock, 2065
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    st.sampled_from(ZONES),
+    st.datetimes(dt.datetime(2000, 1, 1), dt.datetime(2079, 12, 30)),
+    st.sampled_from(NOWS),
+)
+@example("Europe/Copenhagen", dt.datetime(2026, 10, 25, 0, 30), 0.0)  # 02:30 CEST
+@example("Europe/Copenhagen", dt.datetime(2026, 10, 25, 1, 30), 0.0)  # 02:30 CET
+@example("Australia/Sydney", dt.datetime(2026, 4, 4, 15, 30), 0.0)  # 02:30 AEDT, south
+@example("Australia/Sydney", dt.datetime(2026, 4, 4, 16, 30), 0.0)  # 02:30 AEST
+@example("America/New_York", dt.datetime(2026, 11, 1, 5, 30), 0.0)  # 01:30 EDT
+@example("America/New_York", dt.datetime(2026, 11, 1, 6, 30), 0.0)  # 01:30 EST
+@example("Europe/London", dt.datetime(2026, 10, 25, 0, 30), 0.0)  # 01:30 BST; 1970 was BST
+def test_the_su_bit_does_not_depend_on_the_hosts_now(zone, monkeypatch, name, moment, now):
+    """A meter that keeps SU, anywhere, at any minute: read back as that instant whatever
+    year the host's clock says (1970 before NTP had no summer time in Europe)."""
+    zone(name)
+    instant = int(moment.replace(second=0, microsecond=0, tzinfo=UTC).timestamp())
+    local = time.localtime(instant)
+    with monkeypatch.context() as patch:
+        pretend_now(patch, now)
+        t = decode(dt.datetime(*local[:5]), summer=bool(local.tm_isdst))
+        assert timestamp(t) == instant
+
+
+def test_decode_under_a_1970_clock_as_under_the_real_one(tmp_path):
+    """The program itself, its clock set to 1970 by faketime: the SU bit still decides."""
+    faketime = require_tool("faketime")
+    env = {**os.environ, "TZ": "Europe/Copenhagen", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    for summer, offset, when in ((True, "+02:00", (0, 30)), (False, "+01:00", (1, 30))):
+        path = tmp_path / f"{summer}.hex"
+        path.write_text(frame(0x08, 48, 0x72, HEADER + clock_record(REPEATED, summer)).hex(" "))
+        outputs = {}
+        for clock in ([], [faketime, "1970-01-01 00:00:00"]):
+            name = "1970" if clock else "real"
+            for fmt in ("json", "prom"):
+                result = subprocess.run(
+                    [*clock, sys.executable, TOOL, "--decode", str(path), "--format", fmt],
+                    capture_output=True, text=True, env=env, timeout=60,
+                )  # fmt: skip
+                assert result.stdout, result.stderr
+                outputs[name, fmt] = result.stdout
+        for name in ("real", "1970"):
+            (record,) = json.loads(outputs[name, "json"])["meters"][0]["records"]
+            assert (record["value"], record.get("utc_offset")) == ("2026-10-25T02:30", offset)
+            stamp = int(utc(2026, 10, 25, *when))
+            line = f'kamstrup_clock_timestamp_seconds{{meter="82937133"}} {stamp}\n'
+            assert line in outputs[name, "prom"], name
+        assert outputs["real", "json"] == outputs["1970", "json"]
