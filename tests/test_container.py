@@ -360,12 +360,14 @@ class Container:
             _stop(proc)
 
     @contextmanager
-    def meter(self, *faults: str):
+    def meter(self, *faults: str, meters: tuple[str, ...] = ("303:48:30303030",)):
         """kamstrup-sim (from the package) on a pty of the container, as /dev/ttymeterBus:
-        its default MULTICAL 303, with the simulator's faults (``silent``, ...) if given.
+        its default MULTICAL 303, with the simulator's faults (``silent``, ...) if given;
+        or the simulator's --meter specifications `meters`, each a meter on the bus.
         """
-        spec = ",".join(["303:48:30303030", *faults])
-        with self.background("kamstrup-sim", "--meter", spec) as first:
+        specs = [",".join([meters[0], *faults]), *meters[1:]]
+        options = [arg for spec in specs for arg in ("--meter", spec)]
+        with self.background("kamstrup-sim", *options) as first:
             m = re.search(r" on (/dev/pts/\d+) ", first)
             assert m, f"kamstrup-sim said {first!r}"
             self.run("ln", "-sfn", m.group(1), PORT)
@@ -590,6 +592,264 @@ def test_device_policy_refuses_another_device(container):
         assert "not permitted" not in lines[0] and "configure port" in lines[0], lines
     finally:
         container.run("rm", "-f", OTHER_DEVICE, PORT)
+
+
+# --------------------------------------------------------------------------
+# the settings file: a hand run is the timer's run (issue 16)
+
+# Two meters on the simulated bus, and the settings that name them.
+BUS_METERS = ("303:48:30303030", "403:74:77447744")
+BUS_SETTINGS = (
+    "# written by tests/test_container.py\n"
+    f"KAMSTRUP_PORT={PORT}\n"
+    'KAMSTRUP_ADDRESS="48 74"\n'
+    "KAMSTRUP_LABEL='location=\"boiler room\" building=north'\n"
+)
+BUS_UP = {
+    frozenset({**meter, "bus": "kamstrup", "location": "boiler room", "building": "north"}.items())
+    for meter in ({"address": "48", "meter": "30303030"}, {"address": "74", "meter": "77447744"})
+}
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def labelled(text: str) -> list[tuple[str, frozenset, float]]:
+    """[(name, {(label, value)}, value)] of a text exposition."""
+    return [
+        (name, frozenset(LABEL.findall(labels)), value)
+        for name, labels, value in parse_exposition(text)
+    ]
+
+
+def up(text: str) -> dict[frozenset, float]:
+    return {labels: value for name, labels, value in labelled(text) if name == "kamstrup_up"}
+
+
+def textfile_state(container: Container):
+    """What a run must leave alone: the live file's bytes and mtime, and the names in its
+    directory."""
+    live = container.path(TEXTFILE)
+    st = live.stat()
+    return live.read_bytes(), st.st_mtime_ns, sorted(p.name for p in live.parent.iterdir())
+
+
+@pytest.fixture
+def settings(container):
+    """Writes /etc/default/kamstrup; the package's own file (and no live file) afterwards."""
+    path = container.path("/etc/default/kamstrup")
+    shipped = path.read_bytes()
+    yield lambda text: path.write_bytes(text.encode())
+    path.write_bytes(shipped)
+    container.run("rm", "-f", TEXTFILE)
+
+
+def test_hand_run_reads_the_services_settings(container, settings):
+    """`kamstrup-textfile --once` by hand as root writes what the timer's run writes."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, by_service = container.start_service()
+        assert (status, lines) == (0, []), lines
+        container.run("rm", "-f", TEXTFILE)
+        hand = container.run("kamstrup-textfile", "--once", check=False)
+    assert (hand.returncode, hand.stdout, hand.stderr) == (0, "", "")
+    by_hand = container.path(TEXTFILE).read_text()
+    assert up(by_service) == dict.fromkeys(BUS_UP, 1.0), by_service
+    assert up(by_hand) == up(by_service)
+    service_series = {(name, labels) for name, labels, _ in labelled(by_service)}
+    hand_series = {(name, labels) for name, labels, _ in labelled(by_hand)}
+    assert hand_series == service_series
+
+
+def test_hand_run_of_one_meter_leaves_the_live_file(container, settings):
+    """--address of one of the configured meters: the exposition on stdout, one line
+    on stderr saying so; with --output naming the live file, a usage error. The live
+    file is untouched either way."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, _ = container.start_service()
+        assert (status, lines) == (0, []), lines
+        before = textfile_state(container)
+        hand = container.run("kamstrup-textfile", "--once", "--address", "48", check=False)
+        after_hand = textfile_state(container)
+        named = container.run(
+            "kamstrup-textfile", "--once", "--address=48", f"--output={TEXTFILE}", check=False
+        )
+        after_named = textfile_state(container)
+    assert after_hand == before
+    assert hand.returncode == 0, hand.stderr
+    assert len(hand.stderr.splitlines()) == 1, hand.stderr
+    assert [dict(labels)["address"] for labels in up(hand.stdout)] == ["48"], hand.stdout
+    assert list(up(hand.stdout).values()) == [1.0], hand.stdout
+
+    assert after_named == before
+    assert (named.returncode, named.stdout) == (2, ""), named.stderr
+    assert len(named.stderr.splitlines()) == 1, named.stderr
+
+
+def test_comment_after_a_value_fails_the_service_and_writes_nothing(container, settings):
+    """systemd keeps `# live` as part of KAMSTRUP_OUTPUT's value: a usage error, not a
+    file named `kamstrup.prom # live` that node_exporter never reads."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, _ = container.start_service()
+        assert (status, lines) == (0, []), lines
+        before = textfile_state(container)
+        settings(BUS_SETTINGS + f"KAMSTRUP_OUTPUT={TEXTFILE} # live\n")
+        status, lines, _ = container.start_service()
+        after = textfile_state(container)
+    assert status != 0
+    assert container.systemctl("show", "--property=ExecMainStatus", "--value", "kamstrup") == "2"
+    assert len(lines) == 1 and "KAMSTRUP_OUTPUT" in lines[0], lines
+    assert not container.path(f"{TEXTFILE} # live").exists()
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "line, named",
+    [
+        ("KAMSTRUP_VERSION=1.2", ["KAMSTRUP_VERSION"]),  # a person noting the version
+        ("KAMSTRUP_ADRESS=74", ["KAMSTRUP_ADRESS", "KAMSTRUP_ADDRESS"]),  # a typo
+    ],
+)
+def test_unknown_name_warns_and_the_service_reads_on(container, settings, line, named):
+    settings(BUS_SETTINGS + line + "\n")
+    container.run("rm", "-f", TEXTFILE)
+    with container.meter(meters=BUS_METERS):
+        status, lines, text = container.start_service()
+    assert status == 0, lines
+    assert len(lines) == 1, lines
+    for name in named:
+        assert re.search(rf"\b{name}\b", lines[0]), lines
+    assert up(text) == dict.fromkeys(BUS_UP, 1.0), text
+
+
+# Lines systemd's EnvironmentFile= and a parser of the same file can disagree on: the
+# table in FIELD-NOTES.md's "two parsers" section, then escapes, continuations,
+# comments, blanks and line ends. One name a line (KT_...), so that what each line
+# gives can be told apart; joined, they are one file.
+SETTINGS_LINES = (
+    'KT_QUOTES_INSIDE=location="boiler room"\n',
+    "KT_SINGLE_QUOTED='location=\"boiler room\" building=north'\n",
+    'KT_DOUBLE_QUOTED="location=boiler room"\n',
+    "KT_TRAILING_BLANKS=kamstrup.prom   \n",
+    "KT_COMMENT_AFTER=x # comment\n",
+    "KT_CRLF=value\r\n",
+    'KT_ESCAPES_BARE=a\\b\\ c\\"d\\$e\\\\f\n',
+    'KT_ESCAPES_DOUBLE="a\\b \\"q\\" \\$x \\\\ \\` \\n"\n',
+    "KT_ESCAPES_SINGLE='a\\b \\n'\n",
+    "KT_CONTINUED=first\\\nsecond\n",
+    'KT_CONTINUED_DOUBLE="first \\\nsecond"\n',
+    "# KT_HASH_COMMENT=1\n",
+    "; KT_SEMICOLON_COMMENT=1\n",
+    "# a comment ending in a backslash \\\nKT_AFTER_COMMENT_BACKSLASH=1\n",
+    " \tKT_LEADING_BLANKS=lead\n",
+    "KT_EMPTY=\n",
+    "KT_BLANKS_AROUND_EQUALS = spaced value \n",
+    "KT_NO_EQUALS\n",
+    'KT_CRLF_DOUBLE="quoted"\r\n',
+    "KT_SINGLE_NEWLINE='line one\nline two'\n",
+    "KT_SINGLE_CRLF='one\r\ntwo'\r\n",
+    "KT_LEADING_VALUE_BLANKS=   padded\n",
+    "KT_QUOTE_THEN_TEXT='a b'c\n",
+    "KT_TAB=a\tb\n",
+    "KT_EQUALS=a=b=c\n",
+    "KT_UTF8=Kesselraum Süd\n",
+    "export KT_EXPORT=1\n",
+    "KT BAD=1\n",
+    "KT_TWICE=first\n",
+    "KT_TWICE=second\n",
+    "KT_CR_ALONE=a\rKT_AFTER_CR=b\n",
+    'KT_QUOTED_THEN_BLANKS="a b"   \n',
+    'KT_QUOTED_BLANK_TEXT="a" b\n',
+    'KT_EMPTY_QUOTED=""\n',
+    "KT_DOLLAR=$HOME ${PATH}\n",
+    "KT_SEMICOLON_AFTER=x ; y\n",
+    "  # KT_INDENTED_COMMENT=1\n",
+    "KT_FORM_FEED=a\x0cb\n",
+    "KT_LINE_SEPARATOR=a\u2028b\x85c\n",
+    "kt_lower=x\n",
+    "1KT_DIGIT_FIRST=x\n",
+    "KT-DASH=x\n",
+    "KT.DOT=x\n",
+    "KT_LAST_LINE=no newline",
+)
+# What systemd 252 (Debian 12) passes for SETTINGS_LINES, seen in the container by
+# test_settings_parsers_agree: what read_settings() must return for that file.
+SYSTEMD_252_SETTINGS = {
+    "KT_QUOTES_INSIDE": 'location="boiler room"',
+    "KT_SINGLE_QUOTED": 'location="boiler room" building=north',
+    "KT_DOUBLE_QUOTED": "location=boiler room",
+    "KT_TRAILING_BLANKS": "kamstrup.prom",
+    "KT_COMMENT_AFTER": "x # comment",
+    "KT_CRLF": "value",
+    "KT_ESCAPES_BARE": 'ab c"d$e\\f',
+    "KT_ESCAPES_DOUBLE": 'a\\b "q" $x \\ ` \\n',
+    "KT_ESCAPES_SINGLE": "a\\b \\n",
+    "KT_CONTINUED": "firstsecond",
+    "KT_CONTINUED_DOUBLE": "first second",
+    "KT_LEADING_BLANKS": "lead",
+    "KT_EMPTY": "",
+    "KT_BLANKS_AROUND_EQUALS": "spaced value",
+    "KT_CRLF_DOUBLE": "quoted",
+    "KT_SINGLE_NEWLINE": "line one\nline two",
+    "KT_LEADING_VALUE_BLANKS": "padded",
+    "KT_QUOTE_THEN_TEXT": "a bc",
+    "KT_TAB": "a\tb",
+    "KT_EQUALS": "a=b=c",
+    "KT_UTF8": "Kesselraum Süd",
+    "KT_SINGLE_CRLF": "one\r\ntwo",
+    "KT_TWICE": "second",
+    "KT_CR_ALONE": "a",  # a lone CR ends the line
+    "KT_AFTER_CR": "b",
+    "KT_QUOTED_THEN_BLANKS": "a b",
+    "KT_QUOTED_BLANK_TEXT": "ab",  # blanks after a closing quote are dropped
+    "KT_EMPTY_QUOTED": "",
+    "KT_DOLLAR": "$HOME ${PATH}",  # no expansion
+    "KT_SEMICOLON_AFTER": "x ; y",
+    "KT_FORM_FEED": "a\x0cb",  # kept: str.splitlines() would split there
+    "KT_LINE_SEPARATOR": "a\u2028b\x85c",  # the same
+    "kt_lower": "x",
+    "KT_LAST_LINE": "no newline",
+}
+
+
+def test_settings_parsers_agree(container):
+    """The tool's read_settings() and systemd's EnvironmentFile= read one file alike: a
+    unit that dumps its environment (env -0) with and without the file tells what
+    systemd passes."""
+    settings_file = "/root/kt-settings.env"
+    container.path(settings_file).write_bytes("".join(SETTINGS_LINES).encode())
+    units = container.path("/etc/systemd/system")
+    dumps = {}
+    for name, environment_file in (("kt-bare", ""), ("kt-settings", settings_file)):
+        dump = f"/root/{name}.env0"
+        container.run("rm", "-f", dump)
+        (units / f"{name}.service").write_text(
+            "[Service]\nType=oneshot\n"
+            + (f"EnvironmentFile={environment_file}\n" if environment_file else "")
+            + f"ExecStart=/usr/bin/env -0\nStandardOutput=file:{dump}\n"
+        )
+        dumps[name] = dump
+    env = {}
+    try:
+        container.run("systemctl", "daemon-reload")
+        for name, dump in dumps.items():
+            container.run("systemctl", "start", f"{name}.service")
+            pairs = container.path(dump).read_bytes().decode().split("\0")
+            env[name] = dict(pair.split("=", 1) for pair in pairs if pair)
+    finally:
+        for name in dumps:
+            (units / f"{name}.service").unlink()
+        container.run("systemctl", "daemon-reload")
+    # what systemd sets itself (PATH, INVOCATION_ID, ...) is in both dumps
+    by_systemd = {k: v for k, v in env["kt-settings"].items() if k not in env["kt-bare"]}
+    print("systemd:", json.dumps(by_systemd, indent=1))
+    code = (
+        "import sys, json, kamstrup_textfile as k; print(json.dumps(k.read_settings(sys.argv[1])))"
+    )
+    tool = container.run("python3", "-c", code, settings_file, check=False)
+    assert by_systemd == SYSTEMD_252_SETTINGS
+    assert tool.returncode == 0, tool.stderr
+    assert json.loads(tool.stdout) == by_systemd
 
 
 # --------------------------------------------------------------------------
