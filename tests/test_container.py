@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -812,44 +813,98 @@ SYSTEMD_252_SETTINGS = {
 }
 
 
-def test_settings_parsers_agree(container):
-    """The tool's read_settings() and systemd's EnvironmentFile= read one file alike: a
-    unit that dumps its environment (env -0) with and without the file tells what
-    systemd passes."""
-    settings_file = "/root/kt-settings.env"
-    container.path(settings_file).write_bytes("".join(SETTINGS_LINES).encode())
-    units = container.path("/etc/systemd/system")
-    dumps = {}
-    for name, environment_file in (("kt-bare", ""), ("kt-settings", settings_file)):
-        dump = f"/root/{name}.env0"
-        container.run("rm", "-f", dump)
-        (units / f"{name}.service").write_text(
-            "[Service]\nType=oneshot\n"
-            + (f"EnvironmentFile={environment_file}\n" if environment_file else "")
-            + f"ExecStart=/usr/bin/env -0\nStandardOutput=file:{dump}\n"
-        )
-        dumps[name] = dump
-    env = {}
+def environment_files(container: Container, texts: list[str]):
+    """[(path in the container, what systemd's EnvironmentFile= passes for it, or None when
+    the unit does not start)]: one instance of a template unit a file, each dumping its
+    environment with env -0; less what systemd sets itself (PATH, INVOCATION_ID, ...), as
+    an instance with an empty file shows it."""
+    top = "/root/kt-settings"
+    container.run("rm", "-rf", top)
+    container.path(top).mkdir()
+    for i, text in enumerate(["", *texts]):
+        container.path(f"{top}/{i}.env").write_bytes(text.encode())
+    unit = container.path("/etc/systemd/system/kt-settings@.service")
+    unit.write_text(
+        "[Service]\nType=oneshot\n"
+        f"EnvironmentFile={top}/%i.env\n"
+        f"ExecStart=/usr/bin/env -0\nStandardOutput=file:{top}/%i.env0\n"
+    )
     try:
         container.run("systemctl", "daemon-reload")
-        for name, dump in dumps.items():
-            container.run("systemctl", "start", f"{name}.service")
-            pairs = container.path(dump).read_bytes().decode().split("\0")
-            env[name] = dict(pair.split("=", 1) for pair in pairs if pair)
+        instances = [f"kt-settings@{i}.service" for i in range(len(texts) + 1)]
+        container.run("systemctl", "start", *instances, check=False, timeout=300)
+        found = []
+        for i in range(len(texts) + 1):
+            dump = container.path(f"{top}/{i}.env0")
+            if not dump.exists():
+                found.append(None)
+                continue
+            pairs = dump.read_bytes().decode().split("\0")
+            found.append(dict(pair.split("=", 1) for pair in pairs if pair))
+        container.run("systemctl", "reset-failed", "kt-settings@*", check=False)
     finally:
-        for name in dumps:
-            (units / f"{name}.service").unlink()
+        unit.unlink()
         container.run("systemctl", "daemon-reload")
-    # what systemd sets itself (PATH, INVOCATION_ID, ...) is in both dumps
-    by_systemd = {k: v for k, v in env["kt-settings"].items() if k not in env["kt-bare"]}
-    print("systemd:", json.dumps(by_systemd, indent=1))
+    base, *found = found
+    assert base is not None, "systemd did not start the unit with an empty EnvironmentFile="
+    return [
+        (f"{top}/{i + 1}.env", env and {k: v for k, v in env.items() if k not in base})
+        for i, env in enumerate(found)
+    ]
+
+
+def read_settings(container: Container, paths: list[str]) -> list:
+    """kamstrup_textfile.read_settings() of each file, by the installed module in the
+    container: its result, or the exception it raised as text."""
     code = (
-        "import sys, json, kamstrup_textfile as k; print(json.dumps(k.read_settings(sys.argv[1])))"
+        "import sys, json, kamstrup_textfile as k\n"
+        "def read(path):\n"
+        "    try:\n"
+        "        return k.read_settings(path)\n"
+        "    except Exception as exc:\n"
+        "        return repr(exc)\n"
+        "print(json.dumps([read(path) for path in sys.argv[1:]]))\n"
     )
-    tool = container.run("python3", "-c", code, settings_file, check=False)
-    assert by_systemd == SYSTEMD_252_SETTINGS
+    tool = container.run("python3", "-c", code, *paths, check=False)
     assert tool.returncode == 0, tool.stderr
-    assert json.loads(tool.stdout) == by_systemd
+    return json.loads(tool.stdout)
+
+
+def test_settings_parsers_agree(container):
+    """The tool's read_settings() and systemd's EnvironmentFile= read one file alike."""
+    [(path, by_systemd)] = environment_files(container, ["".join(SETTINGS_LINES)])
+    print("systemd:", json.dumps(by_systemd, indent=1))
+    assert by_systemd == SYSTEMD_252_SETTINGS
+    assert read_settings(container, [path]) == [by_systemd]
+
+
+def random_settings(rng: random.Random) -> str:
+    """A settings file of a few lines made of the pieces the two parsers may read apart."""
+    pieces = ["x", "y z", " ", "\t", '"', "'", "\\", "#", ";", "=", "$", "`", "é", "\r"]
+    lines = []
+    for _ in range(rng.randint(1, 4)):
+        line = rng.choice(["", "", " ", "\t", "#", ";", "export "])
+        line += rng.choice(["KT_A", "KT_B", "kt_c", "KT_A ", "K T", "1KT", ""])
+        if rng.random() < 0.9:
+            line += rng.choice(["=", "=", " = ", "= "])
+        line += "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        lines.append(line + rng.choice(["\n", "\n", "\r\n", "\\\n", "\r", ""]))
+    return "".join(lines)
+
+
+def test_settings_parsers_agree_on_random_files(container):
+    """200 files of quotes, escapes, comments and line ends (the same every run): systemd
+    and read_settings() read each alike; the files they disagree on are listed."""
+    rng = random.Random(16)
+    texts = [random_settings(rng) for _ in range(200)]
+    by_systemd = environment_files(container, texts)
+    refused = [texts[i] for i, (_, env) in enumerate(by_systemd) if env is None]
+    assert refused == [], "systemd did not start with these files"
+    by_tool = read_settings(container, [path for path, _ in by_systemd])
+    disagree = [
+        (text, env, tool) for text, (_, env), tool in zip(texts, by_systemd, by_tool) if env != tool
+    ]
+    assert disagree == [], "\n".join(f"{t!r}: systemd {e!r}, tool {o!r}" for t, e, o in disagree)
 
 
 # --------------------------------------------------------------------------
