@@ -68,7 +68,6 @@ OTHER_MAJOR_MINOR = ("10", "200")
 # What kamstrup-sim's default meter (the MULTICAL 303 heat/cooling frame) reads as.
 METER = 'meter="30303030"'
 EXPECTED = {
-    ("kamstrup_up", '{address="254"}'): 1.0,
     ("kamstrup_energy_joules_total", f"{{{METER}}}"): 154 * 3.6e6,
     ("kamstrup_volume_cubic_meters_total", f"{{{METER}}}"): 39.49,
     ("kamstrup_on_time_seconds_total", f"{{{METER}}}"): 2697 * 3600.0,
@@ -396,6 +395,25 @@ def samples(text: str) -> dict[tuple[str, str], float]:
     return {(name, labels): value for name, labels, value in parse_exposition(text)}
 
 
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def labelled(text: str) -> list[tuple[str, frozenset, float]]:
+    """[(name, {(label, value)}, value)] of a text exposition."""
+    return [
+        (name, frozenset(LABEL.findall(labels)), value)
+        for name, labels, value in parse_exposition(text)
+    ]
+
+
+def of_address(text: str, name: str, address: str = "254") -> float | None:
+    """The value of `name` for one address, whatever else labels it (bus, meter), or
+    None when there is no such series."""
+    found = [v for n, labels, v in labelled(text) if n == name and ("address", address) in labels]
+    assert len(found) <= 1, text
+    return found[0] if found else None
+
+
 def wait_until(what: str, probe, timeout: float = 60, every: float = 0.5):
     """probe() until it returns something true; fail with `what` after timeout."""
     deadline = time.monotonic() + timeout
@@ -486,6 +504,7 @@ def test_service_reads_the_meter(container):
         status, lines, text = container.start_service()
     assert status == 0, lines
     assert lines == []
+    assert of_address(text, "kamstrup_up") == 1, text
     values = samples(text)
     for key, value in EXPECTED.items():
         assert values.get(key) == pytest.approx(value, rel=1e-12), key
@@ -501,9 +520,8 @@ def test_one_simulator_serves_successive_runs(container):
         for _ in range(3):
             status, lines, text = container.start_service()
             assert (status, lines) == (0, []), lines
-            values = samples(text)
-            assert values[("kamstrup_up", '{address="254"}')] == 1
-            stamps.append(values[("kamstrup_last_success_timestamp_seconds", '{address="254"}')])
+            assert of_address(text, "kamstrup_up") == 1, text
+            stamps.append(of_address(text, "kamstrup_last_success_timestamp_seconds"))
     assert stamps == sorted(stamps) and len(set(stamps)) == 3, stamps
 
 
@@ -513,8 +531,8 @@ def test_node_exporter_serves_our_series(container):
     assert status == 0, lines
 
     def scrape():
-        found = samples(container.http_get("http://127.0.0.1:9100/metrics"))
-        return found if found.get(("kamstrup_up", '{address="254"}')) == 1 else None
+        text = container.http_get("http://127.0.0.1:9100/metrics")
+        return samples(text) if of_address(text, "kamstrup_up") == 1 else None
 
     found = wait_until("kamstrup_up 1 in node_exporter's /metrics", scrape)
     assert found[("node_textfile_scrape_error", "")] == 0
@@ -533,7 +551,7 @@ def test_silent_meter_fails_the_unit_with_one_line(container):
     assert container.systemctl("is-failed", "kamstrup.service") == "failed"
     assert len(lines) == 1, lines
     assert re.fullmatch(r"kamstrup-textfile: address 254: .*no answer.*", lines[0]), lines
-    assert samples(text)[("kamstrup_up", '{address="254"}')] == 0
+    assert of_address(text, "kamstrup_up") == 0, text
 
 
 def test_missing_adapter_says_does_not_exist(container):
@@ -542,7 +560,7 @@ def test_missing_adapter_says_does_not_exist(container):
     assert status != 0
     assert len(lines) == 1, lines
     assert f"port {PORT} does not exist" in lines[0]
-    assert samples(text)[("kamstrup_up", '{address="254"}')] == 0
+    assert of_address(text, "kamstrup_up") == 0, text
 
 
 def test_device_policy_refuses_another_device(container):
@@ -610,15 +628,6 @@ BUS_UP = {
     frozenset({**meter, "bus": "kamstrup", "location": "boiler room", "building": "north"}.items())
     for meter in ({"address": "48", "meter": "30303030"}, {"address": "74", "meter": "77447744"})
 }
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def labelled(text: str) -> list[tuple[str, frozenset, float]]:
-    """[(name, {(label, value)}, value)] of a text exposition."""
-    return [
-        (name, frozenset(LABEL.findall(labels)), value)
-        for name, labels, value in parse_exposition(text)
-    ]
 
 
 def up(text: str) -> dict[frozenset, float]:
