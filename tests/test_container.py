@@ -822,6 +822,24 @@ SYSTEMD_252_SETTINGS = {
 }
 
 
+# Files that end in the middle of something (no line end after it): each file, and what
+# systemd 252 passes for it.
+SETTINGS_FILE_ENDS = {
+    "KT_END='open single": {"KT_END": "open single"},
+    "KT_END='open single\n": {"KT_END": "open single\n"},
+    'KT_END="open double': {"KT_END": "open double"},
+    'KT_END="open double\\': {"KT_END": "open double"},
+    "KT_END=value\\": {"KT_END": "value"},
+    "KT_END=first\\\nsecond\\": {"KT_END": "firstsecond"},
+    "KT_END=\\": {"KT_END": ""},
+    "KT_END=": {"KT_END": ""},
+    "KT_END =  ": {"KT_END": ""},
+    "KT_END=x   ": {"KT_END": "x"},
+    "KT_END": {},
+    "KT_END=x\n# comment\\": {"KT_END": "x"},
+}
+
+
 def environment_files(container: Container, texts: list[str]):
     """[(path in the container, what systemd's EnvironmentFile= passes for it, or None when
     the unit does not start)]: one instance of a template unit a file, each dumping its
@@ -881,10 +899,11 @@ def read_settings(container: Container, paths: list[str]) -> list:
 
 def test_settings_parsers_agree(container):
     """The tool's read_settings() and systemd's EnvironmentFile= read one file alike."""
-    [(path, by_systemd)] = environment_files(container, ["".join(SETTINGS_LINES)])
+    texts = ["".join(SETTINGS_LINES), *SETTINGS_FILE_ENDS]
+    paths, by_systemd = zip(*environment_files(container, texts))
     print("systemd:", json.dumps(by_systemd, indent=1))
-    assert by_systemd == SYSTEMD_252_SETTINGS
-    assert read_settings(container, [path]) == [by_systemd]
+    assert list(by_systemd) == [SYSTEMD_252_SETTINGS, *SETTINGS_FILE_ENDS.values()]
+    assert read_settings(container, list(paths)) == list(by_systemd)
 
 
 def random_settings(rng: random.Random) -> str:
