@@ -261,10 +261,18 @@ class Container:
             if time.monotonic() > deadline:
                 self._boot_failed("no systemd as the container's PID 1")
             time.sleep(0.1)
-        state = self.run(
-            "systemctl", "is-system-running", "--wait", check=False, timeout=timeout
-        ).stdout.strip()
+        # right after the namespaces exist the container's bus may not answer yet
+        # ("Failed to connect to bus"): ask again until systemd says a state
+        while True:
+            asked = self.run(
+                "systemctl", "is-system-running", "--wait", check=False, timeout=timeout
+            )
+            state = asked.stdout.strip()
+            if state or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if state not in ("running", "degraded"):
+            state = f"{state} ({asked.stderr.strip()})" if asked.stderr.strip() else state
             failed = self.run("systemctl", "--failed", "--no-legend", check=False).stdout
             self._boot_failed(f"system state {state!r}; failed units:\n{failed}")
 
@@ -840,7 +848,7 @@ SETTINGS_FILE_ENDS = {
 }
 
 
-def environment_files(container: Container, texts: list[str]):
+def environment_files(container: Container, texts: list):
     """[(path in the container, what systemd's EnvironmentFile= passes for it, or None when
     the unit does not start)]: one instance of a template unit a file, each dumping its
     environment with env -0; less what systemd sets itself (PATH, INVOCATION_ID, ...), as
@@ -849,7 +857,8 @@ def environment_files(container: Container, texts: list[str]):
     container.run("rm", "-rf", top)
     container.path(top).mkdir()
     for i, text in enumerate(["", *texts]):
-        container.path(f"{top}/{i}.env").write_bytes(text.encode())
+        data = text if isinstance(text, bytes) else text.encode()
+        container.path(f"{top}/{i}.env").write_bytes(data)
     unit = container.path("/etc/systemd/system/kt-settings@.service")
     unit.write_text(
         "[Service]\nType=oneshot\n"
@@ -908,7 +917,8 @@ def test_settings_parsers_agree(container):
 
 def random_settings(rng: random.Random) -> str:
     """A settings file of a few lines made of the pieces the two parsers may read apart."""
-    pieces = ["x", "y z", " ", "\t", '"', "'", "\\", "#", ";", "=", "$", "`", "é", "\r"]
+    pieces = ["x", "y z", " ", "\t", '"', "'", "\\", "#", ";", "=", "$", "`", "é", "\r", "\n"]
+    pieces += ["\x0b", "\x0c", "\x1c", "\x85", "\xa0", "\u2028"]  # str.split() and splitlines()
     lines = []
     for _ in range(rng.randint(1, 4)):
         line = rng.choice(["", "", " ", "\t", "#", ";", "export "])
@@ -921,10 +931,10 @@ def random_settings(rng: random.Random) -> str:
 
 
 def test_settings_parsers_agree_on_random_files(container):
-    """200 files of quotes, escapes, comments and line ends (the same every run): systemd
+    """500 files of quotes, escapes, comments and line ends (the same every run): systemd
     and read_settings() read each alike; the files they disagree on are listed."""
     rng = random.Random(16)
-    texts = [random_settings(rng) for _ in range(200)]
+    texts = [random_settings(rng) for _ in range(500)]
     by_systemd = environment_files(container, texts)
     refused = [texts[i] for i, (_, env) in enumerate(by_systemd) if env is None]
     assert refused == [], "systemd did not start with these files"
@@ -933,6 +943,44 @@ def test_settings_parsers_agree_on_random_files(container):
         (text, env, tool) for text, (_, env), tool in zip(texts, by_systemd, by_tool) if env != tool
     ]
     assert disagree == [], "\n".join(f"{t!r}: systemd {e!r}, tool {o!r}" for t, e, o in disagree)
+
+
+# Files systemd 252 does not start a unit with ("Failed to load environment files":
+# EINVAL for a name or value that is not UTF-8, EBADMSG for a NUL), so the tool never runs.
+SETTINGS_SYSTEMD_REFUSES = (
+    b"KAMSTRUP_LABEL=location=K\xf6ln\n",  # Latin-1
+    b"KAMSTRUP_\xc4DDRESS=48\n",
+    b"KAMSTRUP_LABEL='location=\xff\nKAMSTRUP_ADDRESS=48'\nKAMSTRUP_BAUDRATE=2400\n",
+    b"KAMSTRUP_ADDRESS=48\x00\n",
+    b"# a NUL in a comment \x00\nKAMSTRUP_ADDRESS=48\n",
+)
+
+
+def test_a_file_systemd_refuses_is_refused(container, settings):
+    """What systemd does not start kamstrup.service with, read_settings() refuses (raises)
+    and a hand run refuses in one line (exit 2); the live file stays as it was."""
+    found = environment_files(container, list(SETTINGS_SYSTEMD_REFUSES))
+    assert [env for _, env in found] == [None] * len(found), found
+    results = read_settings(container, [path for path, _ in found])
+    assert all(isinstance(result, str) for result in results), results  # an exception
+
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, _ = container.start_service()
+        assert (status, lines) == (0, []), lines
+        before = textfile_state(container)
+        container.path("/etc/default/kamstrup").write_bytes(
+            BUS_SETTINGS.encode() + SETTINGS_SYSTEMD_REFUSES[0]
+        )
+        status, lines, _ = container.start_service()
+        result = container.systemctl("show", "--property=Result", "--value", "kamstrup")
+        hand = container.run("kamstrup-textfile", "--once", check=False)
+        after = textfile_state(container)
+    assert (status, result, lines) == (1, "resources", []), lines
+    assert (hand.returncode, hand.stdout) == (2, ""), hand.stderr
+    assert len(hand.stderr.splitlines()) == 1, hand.stderr
+    assert "/etc/default/kamstrup" in hand.stderr, hand.stderr
+    assert after == before
 
 
 # --------------------------------------------------------------------------
