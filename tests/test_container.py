@@ -638,6 +638,10 @@ BUS_UP = {
 }
 
 
+def series_of(text: str) -> set:
+    return {(name, labels) for name, labels, _ in labelled(text)}
+
+
 def up(text: str) -> dict[frozenset, float]:
     return {labels: value for name, labels, value in labelled(text) if name == "kamstrup_up"}
 
@@ -672,9 +676,37 @@ def test_hand_run_reads_the_services_settings(container, settings):
     by_hand = container.path(TEXTFILE).read_text()
     assert up(by_service) == dict.fromkeys(BUS_UP, 1.0), by_service
     assert up(by_hand) == up(by_service)
-    service_series = {(name, labels) for name, labels, _ in labelled(by_service)}
-    hand_series = {(name, labels) for name, labels, _ in labelled(by_hand)}
-    assert hand_series == service_series
+    assert series_of(by_hand) == series_of(by_service)
+
+
+def test_hand_run_naming_the_links_device_is_the_timers_run(container, settings):
+    """--port with the device KAMSTRUP_PORT's link points to is the configured bus: the
+    live file, as the service writes it."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS) as device:
+        status, lines, by_service = container.start_service()
+        assert (status, lines) == (0, []), lines
+        container.run("rm", "-f", TEXTFILE)
+        hand = container.run("kamstrup-textfile", "--once", f"--port={device}", check=False)
+    assert (hand.returncode, hand.stdout, hand.stderr) == (0, "", "")
+    by_hand = container.path(TEXTFILE).read_text()
+    assert up(by_hand) == up(by_service) == dict.fromkeys(BUS_UP, 1.0), by_hand
+    assert series_of(by_hand) == series_of(by_service)
+
+
+def test_without_a_settings_file_both_read_the_defaults(container, settings):
+    """No /etc/default/kamstrup (EnvironmentFile=- lets the service start): the hand run
+    reads the defaults too, not an error."""
+    container.run("rm", "-f", "/etc/default/kamstrup")
+    with container.meter():
+        status, lines, by_service = container.start_service()
+        assert (status, lines) == (0, []), lines
+        container.run("rm", "-f", TEXTFILE)
+        hand = container.run("kamstrup-textfile", "--once", check=False)
+    assert (hand.returncode, hand.stdout, hand.stderr) == (0, "", "")
+    by_hand = container.path(TEXTFILE).read_text()
+    assert of_address(by_service, "kamstrup_up") == of_address(by_hand, "kamstrup_up") == 1
+    assert series_of(by_hand) == series_of(by_service)
 
 
 def test_hand_run_of_one_meter_leaves_the_live_file(container, settings):
