@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -67,7 +68,6 @@ OTHER_MAJOR_MINOR = ("10", "200")
 # What kamstrup-sim's default meter (the MULTICAL 303 heat/cooling frame) reads as.
 METER = 'meter="30303030"'
 EXPECTED = {
-    ("kamstrup_up", '{address="254"}'): 1.0,
     ("kamstrup_energy_joules_total", f"{{{METER}}}"): 154 * 3.6e6,
     ("kamstrup_volume_cubic_meters_total", f"{{{METER}}}"): 39.49,
     ("kamstrup_on_time_seconds_total", f"{{{METER}}}"): 2697 * 3600.0,
@@ -261,10 +261,18 @@ class Container:
             if time.monotonic() > deadline:
                 self._boot_failed("no systemd as the container's PID 1")
             time.sleep(0.1)
-        state = self.run(
-            "systemctl", "is-system-running", "--wait", check=False, timeout=timeout
-        ).stdout.strip()
+        # right after the namespaces exist the container's bus may not answer yet
+        # ("Failed to connect to bus"): ask again until systemd says a state
+        while True:
+            asked = self.run(
+                "systemctl", "is-system-running", "--wait", check=False, timeout=timeout
+            )
+            state = asked.stdout.strip()
+            if state or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if state not in ("running", "degraded"):
+            state = f"{state} ({asked.stderr.strip()})" if asked.stderr.strip() else state
             failed = self.run("systemctl", "--failed", "--no-legend", check=False).stdout
             self._boot_failed(f"system state {state!r}; failed units:\n{failed}")
 
@@ -360,12 +368,14 @@ class Container:
             _stop(proc)
 
     @contextmanager
-    def meter(self, *faults: str):
+    def meter(self, *faults: str, meters: tuple[str, ...] = ("303:48:30303030",)):
         """kamstrup-sim (from the package) on a pty of the container, as /dev/ttymeterBus:
-        its default MULTICAL 303, with the simulator's faults (``silent``, ...) if given.
+        its default MULTICAL 303, with the simulator's faults (``silent``, ...) if given;
+        or the simulator's --meter specifications `meters`, each a meter on the bus.
         """
-        spec = ",".join(["303:48:30303030", *faults])
-        with self.background("kamstrup-sim", "--meter", spec) as first:
+        specs = [",".join([meters[0], *faults]), *meters[1:]]
+        options = [arg for spec in specs for arg in ("--meter", spec)]
+        with self.background("kamstrup-sim", *options) as first:
             m = re.search(r" on (/dev/pts/\d+) ", first)
             assert m, f"kamstrup-sim said {first!r}"
             self.run("ln", "-sfn", m.group(1), PORT)
@@ -391,6 +401,25 @@ class Container:
 
 def samples(text: str) -> dict[tuple[str, str], float]:
     return {(name, labels): value for name, labels, value in parse_exposition(text)}
+
+
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def labelled(text: str) -> list[tuple[str, frozenset, float]]:
+    """[(name, {(label, value)}, value)] of a text exposition."""
+    return [
+        (name, frozenset(LABEL.findall(labels)), value)
+        for name, labels, value in parse_exposition(text)
+    ]
+
+
+def of_address(text: str, name: str, address: str = "254") -> float | None:
+    """The value of `name` for one address, whatever else labels it (bus, meter), or
+    None when there is no such series."""
+    found = [v for n, labels, v in labelled(text) if n == name and ("address", address) in labels]
+    assert len(found) <= 1, text
+    return found[0] if found else None
 
 
 def wait_until(what: str, probe, timeout: float = 60, every: float = 0.5):
@@ -483,6 +512,7 @@ def test_service_reads_the_meter(container):
         status, lines, text = container.start_service()
     assert status == 0, lines
     assert lines == []
+    assert of_address(text, "kamstrup_up") == 1, text
     values = samples(text)
     for key, value in EXPECTED.items():
         assert values.get(key) == pytest.approx(value, rel=1e-12), key
@@ -498,9 +528,8 @@ def test_one_simulator_serves_successive_runs(container):
         for _ in range(3):
             status, lines, text = container.start_service()
             assert (status, lines) == (0, []), lines
-            values = samples(text)
-            assert values[("kamstrup_up", '{address="254"}')] == 1
-            stamps.append(values[("kamstrup_last_success_timestamp_seconds", '{address="254"}')])
+            assert of_address(text, "kamstrup_up") == 1, text
+            stamps.append(of_address(text, "kamstrup_last_success_timestamp_seconds"))
     assert stamps == sorted(stamps) and len(set(stamps)) == 3, stamps
 
 
@@ -510,8 +539,8 @@ def test_node_exporter_serves_our_series(container):
     assert status == 0, lines
 
     def scrape():
-        found = samples(container.http_get("http://127.0.0.1:9100/metrics"))
-        return found if found.get(("kamstrup_up", '{address="254"}')) == 1 else None
+        text = container.http_get("http://127.0.0.1:9100/metrics")
+        return samples(text) if of_address(text, "kamstrup_up") == 1 else None
 
     found = wait_until("kamstrup_up 1 in node_exporter's /metrics", scrape)
     assert found[("node_textfile_scrape_error", "")] == 0
@@ -530,7 +559,7 @@ def test_silent_meter_fails_the_unit_with_one_line(container):
     assert container.systemctl("is-failed", "kamstrup.service") == "failed"
     assert len(lines) == 1, lines
     assert re.fullmatch(r"kamstrup-textfile: address 254: .*no answer.*", lines[0]), lines
-    assert samples(text)[("kamstrup_up", '{address="254"}')] == 0
+    assert of_address(text, "kamstrup_up") == 0, text
 
 
 def test_missing_adapter_says_does_not_exist(container):
@@ -539,7 +568,7 @@ def test_missing_adapter_says_does_not_exist(container):
     assert status != 0
     assert len(lines) == 1, lines
     assert f"port {PORT} does not exist" in lines[0]
-    assert samples(text)[("kamstrup_up", '{address="254"}')] == 0
+    assert of_address(text, "kamstrup_up") == 0, text
 
 
 def test_device_policy_refuses_another_device(container):
@@ -590,6 +619,400 @@ def test_device_policy_refuses_another_device(container):
         assert "not permitted" not in lines[0] and "configure port" in lines[0], lines
     finally:
         container.run("rm", "-f", OTHER_DEVICE, PORT)
+
+
+# --------------------------------------------------------------------------
+# the settings file: a hand run is the timer's run (issue 16)
+
+# Two meters on the simulated bus, and the settings that name them.
+BUS_METERS = ("303:48:30303030", "403:74:77447744")
+BUS_SETTINGS = (
+    "# written by tests/test_container.py\n"
+    f"KAMSTRUP_PORT={PORT}\n"
+    'KAMSTRUP_ADDRESS="48 74"\n'
+    "KAMSTRUP_LABEL='location=\"boiler room\" building=north'\n"
+)
+BUS_UP = {
+    frozenset({**meter, "bus": "kamstrup", "location": "boiler room", "building": "north"}.items())
+    for meter in ({"address": "48", "meter": "30303030"}, {"address": "74", "meter": "77447744"})
+}
+
+
+def series_of(text: str) -> set:
+    return {(name, labels) for name, labels, _ in labelled(text)}
+
+
+def up(text: str) -> dict[frozenset, float]:
+    return {labels: value for name, labels, value in labelled(text) if name == "kamstrup_up"}
+
+
+def textfile_state(container: Container):
+    """What a run must leave alone: the live file's bytes and mtime, and the names in its
+    directory."""
+    live = container.path(TEXTFILE)
+    st = live.stat()
+    return live.read_bytes(), st.st_mtime_ns, sorted(p.name for p in live.parent.iterdir())
+
+
+@pytest.fixture
+def settings(container):
+    """Writes /etc/default/kamstrup; the package's own file (and no live file) afterwards."""
+    path = container.path("/etc/default/kamstrup")
+    shipped = path.read_bytes()
+    yield lambda text: path.write_bytes(text.encode())
+    path.write_bytes(shipped)
+    container.run("rm", "-f", TEXTFILE)
+
+
+def test_hand_run_reads_the_services_settings(container, settings):
+    """`kamstrup-textfile --once` by hand as root writes what the timer's run writes."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, by_service = container.start_service()
+        assert (status, lines) == (0, []), lines
+        container.run("rm", "-f", TEXTFILE)
+        hand = container.run("kamstrup-textfile", "--once", check=False)
+    assert (hand.returncode, hand.stdout, hand.stderr) == (0, "", "")
+    by_hand = container.path(TEXTFILE).read_text()
+    assert up(by_service) == dict.fromkeys(BUS_UP, 1.0), by_service
+    assert up(by_hand) == up(by_service)
+    assert series_of(by_hand) == series_of(by_service)
+
+
+def test_hand_run_naming_the_links_device_is_the_timers_run(container, settings):
+    """--port with the device KAMSTRUP_PORT's link points to is the configured bus: the
+    live file, as the service writes it."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS) as device:
+        status, lines, by_service = container.start_service()
+        assert (status, lines) == (0, []), lines
+        container.run("rm", "-f", TEXTFILE)
+        hand = container.run("kamstrup-textfile", "--once", f"--port={device}", check=False)
+    assert (hand.returncode, hand.stdout, hand.stderr) == (0, "", "")
+    by_hand = container.path(TEXTFILE).read_text()
+    assert up(by_hand) == up(by_service) == dict.fromkeys(BUS_UP, 1.0), by_hand
+    assert series_of(by_hand) == series_of(by_service)
+
+
+def test_without_a_settings_file_both_read_the_defaults(container, settings):
+    """No /etc/default/kamstrup (EnvironmentFile=- lets the service start): the hand run
+    reads the defaults too, not an error."""
+    container.run("rm", "-f", "/etc/default/kamstrup")
+    with container.meter():
+        status, lines, by_service = container.start_service()
+        assert (status, lines) == (0, []), lines
+        container.run("rm", "-f", TEXTFILE)
+        hand = container.run("kamstrup-textfile", "--once", check=False)
+    assert (hand.returncode, hand.stdout, hand.stderr) == (0, "", "")
+    by_hand = container.path(TEXTFILE).read_text()
+    assert of_address(by_service, "kamstrup_up") == of_address(by_hand, "kamstrup_up") == 1
+    assert series_of(by_hand) == series_of(by_service)
+
+
+def test_hand_run_of_one_meter_leaves_the_live_file(container, settings):
+    """--address of one of the configured meters: the exposition on stdout, one line
+    on stderr saying so; with --output naming the live file, a usage error. The live
+    file is untouched either way."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, _ = container.start_service()
+        assert (status, lines) == (0, []), lines
+        before = textfile_state(container)
+        hand = container.run("kamstrup-textfile", "--once", "--address", "48", check=False)
+        after_hand = textfile_state(container)
+        named = container.run(
+            "kamstrup-textfile", "--once", "--address=48", f"--output={TEXTFILE}", check=False
+        )
+        after_named = textfile_state(container)
+    assert after_hand == before
+    assert hand.returncode == 0, hand.stderr
+    assert len(hand.stderr.splitlines()) == 1, hand.stderr
+    assert [dict(labels)["address"] for labels in up(hand.stdout)] == ["48"], hand.stdout
+    assert list(up(hand.stdout).values()) == [1.0], hand.stdout
+
+    assert after_named == before
+    assert (named.returncode, named.stdout) == (2, ""), named.stderr
+    assert len(named.stderr.splitlines()) == 1, named.stderr
+
+
+def test_comment_after_a_value_fails_the_service_and_writes_nothing(container, settings):
+    """systemd keeps `# live` as part of KAMSTRUP_OUTPUT's value: a usage error, not a
+    file named `kamstrup.prom # live` that node_exporter never reads."""
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, _ = container.start_service()
+        assert (status, lines) == (0, []), lines
+        before = textfile_state(container)
+        settings(BUS_SETTINGS + f"KAMSTRUP_OUTPUT={TEXTFILE} # live\n")
+        status, lines, _ = container.start_service()
+        after = textfile_state(container)
+    assert status != 0
+    assert container.systemctl("show", "--property=ExecMainStatus", "--value", "kamstrup") == "2"
+    assert len(lines) == 1 and "KAMSTRUP_OUTPUT" in lines[0], lines
+    assert not container.path(f"{TEXTFILE} # live").exists()
+    assert after == before
+
+
+@pytest.mark.parametrize(
+    "line, named",
+    [
+        ("KAMSTRUP_VERSION=1.2", ["KAMSTRUP_VERSION"]),  # a person noting the version
+        ("KAMSTRUP_ADRESS=74", ["KAMSTRUP_ADRESS", "KAMSTRUP_ADDRESS"]),  # a typo
+    ],
+)
+def test_unknown_name_warns_and_the_service_reads_on(container, settings, line, named):
+    settings(BUS_SETTINGS + line + "\n")
+    container.run("rm", "-f", TEXTFILE)
+    with container.meter(meters=BUS_METERS):
+        status, lines, text = container.start_service()
+    assert status == 0, lines
+    assert len(lines) == 1, lines
+    for name in named:
+        assert re.search(rf"\b{name}\b", lines[0]), lines
+    assert up(text) == dict.fromkeys(BUS_UP, 1.0), text
+
+
+# Lines systemd's EnvironmentFile= and a parser of the same file can disagree on: the
+# table in FIELD-NOTES.md's "two parsers" section, then escapes, continuations,
+# comments, blanks and line ends. One name a line (KT_...), so that what each line
+# gives can be told apart; joined, they are one file.
+SETTINGS_LINES = (
+    'KT_QUOTES_INSIDE=location="boiler room"\n',
+    "KT_SINGLE_QUOTED='location=\"boiler room\" building=north'\n",
+    'KT_DOUBLE_QUOTED="location=boiler room"\n',
+    "KT_TRAILING_BLANKS=kamstrup.prom   \n",
+    "KT_COMMENT_AFTER=x # comment\n",
+    "KT_CRLF=value\r\n",
+    'KT_ESCAPES_BARE=a\\b\\ c\\"d\\$e\\\\f\n',
+    'KT_ESCAPES_DOUBLE="a\\b \\"q\\" \\$x \\\\ \\` \\n"\n',
+    "KT_ESCAPES_SINGLE='a\\b \\n'\n",
+    "KT_CONTINUED=first\\\nsecond\n",
+    'KT_CONTINUED_DOUBLE="first \\\nsecond"\n',
+    "# KT_HASH_COMMENT=1\n",
+    "; KT_SEMICOLON_COMMENT=1\n",
+    "# a comment ending in a backslash \\\nKT_AFTER_COMMENT_BACKSLASH=1\n",
+    " \tKT_LEADING_BLANKS=lead\n",
+    "KT_EMPTY=\n",
+    "KT_BLANKS_AROUND_EQUALS = spaced value \n",
+    "KT_NO_EQUALS\n",
+    'KT_CRLF_DOUBLE="quoted"\r\n',
+    "KT_SINGLE_NEWLINE='line one\nline two'\n",
+    "KT_SINGLE_CRLF='one\r\ntwo'\r\n",
+    "KT_LEADING_VALUE_BLANKS=   padded\n",
+    "KT_QUOTE_THEN_TEXT='a b'c\n",
+    "KT_TAB=a\tb\n",
+    "KT_EQUALS=a=b=c\n",
+    "KT_UTF8=Kesselraum Süd\n",
+    "export KT_EXPORT=1\n",
+    "KT BAD=1\n",
+    "KT_TWICE=first\n",
+    "KT_TWICE=second\n",
+    "KT_CR_ALONE=a\rKT_AFTER_CR=b\n",
+    'KT_QUOTED_THEN_BLANKS="a b"   \n',
+    'KT_QUOTED_BLANK_TEXT="a" b\n',
+    'KT_EMPTY_QUOTED=""\n',
+    "KT_DOLLAR=$HOME ${PATH}\n",
+    "KT_SEMICOLON_AFTER=x ; y\n",
+    "  # KT_INDENTED_COMMENT=1\n",
+    "KT_FORM_FEED=a\x0cb\n",
+    "KT_LINE_SEPARATOR=a\u2028b\x85c\n",
+    "kt_lower=x\n",
+    "1KT_DIGIT_FIRST=x\n",
+    "KT-DASH=x\n",
+    "KT.DOT=x\n",
+    "KT_LAST_LINE=no newline",
+)
+# What systemd 252 (Debian 12) passes for SETTINGS_LINES, seen in the container by
+# test_settings_parsers_agree: what read_settings() must return for that file.
+SYSTEMD_252_SETTINGS = {
+    "KT_QUOTES_INSIDE": 'location="boiler room"',
+    "KT_SINGLE_QUOTED": 'location="boiler room" building=north',
+    "KT_DOUBLE_QUOTED": "location=boiler room",
+    "KT_TRAILING_BLANKS": "kamstrup.prom",
+    "KT_COMMENT_AFTER": "x # comment",
+    "KT_CRLF": "value",
+    "KT_ESCAPES_BARE": 'ab c"d$e\\f',
+    "KT_ESCAPES_DOUBLE": 'a\\b "q" $x \\ ` \\n',
+    "KT_ESCAPES_SINGLE": "a\\b \\n",
+    "KT_CONTINUED": "firstsecond",
+    "KT_CONTINUED_DOUBLE": "first second",
+    "KT_LEADING_BLANKS": "lead",
+    "KT_EMPTY": "",
+    "KT_BLANKS_AROUND_EQUALS": "spaced value",
+    "KT_CRLF_DOUBLE": "quoted",
+    "KT_SINGLE_NEWLINE": "line one\nline two",
+    "KT_LEADING_VALUE_BLANKS": "padded",
+    "KT_QUOTE_THEN_TEXT": "a bc",
+    "KT_TAB": "a\tb",
+    "KT_EQUALS": "a=b=c",
+    "KT_UTF8": "Kesselraum Süd",
+    "KT_SINGLE_CRLF": "one\r\ntwo",
+    "KT_TWICE": "second",
+    "KT_CR_ALONE": "a",  # a lone CR ends the line
+    "KT_AFTER_CR": "b",
+    "KT_QUOTED_THEN_BLANKS": "a b",
+    "KT_QUOTED_BLANK_TEXT": "ab",  # blanks after a closing quote are dropped
+    "KT_EMPTY_QUOTED": "",
+    "KT_DOLLAR": "$HOME ${PATH}",  # no expansion
+    "KT_SEMICOLON_AFTER": "x ; y",
+    "KT_FORM_FEED": "a\x0cb",  # kept: str.splitlines() would split there
+    "KT_LINE_SEPARATOR": "a\u2028b\x85c",  # the same
+    "kt_lower": "x",
+    "KT_LAST_LINE": "no newline",
+}
+
+
+# Files that end in the middle of something (no line end after it): each file, and what
+# systemd 252 passes for it.
+SETTINGS_FILE_ENDS = {
+    "KT_END='open single": {"KT_END": "open single"},
+    "KT_END='open single\n": {"KT_END": "open single\n"},
+    'KT_END="open double': {"KT_END": "open double"},
+    'KT_END="open double\\': {"KT_END": "open double"},
+    "KT_END=value\\": {"KT_END": "value"},
+    "KT_END=first\\\nsecond\\": {"KT_END": "firstsecond"},
+    "KT_END=\\": {"KT_END": ""},
+    "KT_END=": {"KT_END": ""},
+    "KT_END =  ": {"KT_END": ""},
+    "KT_END=x   ": {"KT_END": "x"},
+    "KT_END": {},
+    "KT_END=x\n# comment\\": {"KT_END": "x"},
+}
+
+
+def environment_files(container: Container, texts: list):
+    """[(path in the container, what systemd's EnvironmentFile= passes for it, or None when
+    the unit does not start)]: one instance of a template unit a file, each dumping its
+    environment with env -0; less what systemd sets itself (PATH, INVOCATION_ID, ...), as
+    an instance with an empty file shows it."""
+    top = "/root/kt-settings"
+    container.run("rm", "-rf", top)
+    container.path(top).mkdir()
+    for i, text in enumerate(["", *texts]):
+        data = text if isinstance(text, bytes) else text.encode()
+        container.path(f"{top}/{i}.env").write_bytes(data)
+    unit = container.path("/etc/systemd/system/kt-settings@.service")
+    unit.write_text(
+        "[Service]\nType=oneshot\n"
+        f"EnvironmentFile={top}/%i.env\n"
+        f"ExecStart=/usr/bin/env -0\nStandardOutput=file:{top}/%i.env0\n"
+    )
+    try:
+        container.run("systemctl", "daemon-reload")
+        instances = [f"kt-settings@{i}.service" for i in range(len(texts) + 1)]
+        container.run("systemctl", "start", *instances, check=False, timeout=300)
+        found = []
+        for i in range(len(texts) + 1):
+            dump = container.path(f"{top}/{i}.env0")
+            if not dump.exists():
+                found.append(None)
+                continue
+            pairs = dump.read_bytes().decode().split("\0")
+            found.append(dict(pair.split("=", 1) for pair in pairs if pair))
+        container.run("systemctl", "reset-failed", "kt-settings@*", check=False)
+    finally:
+        unit.unlink()
+        container.run("systemctl", "daemon-reload")
+    base, *found = found
+    assert base is not None, "systemd did not start the unit with an empty EnvironmentFile="
+    return [
+        (f"{top}/{i + 1}.env", env and {k: v for k, v in env.items() if k not in base})
+        for i, env in enumerate(found)
+    ]
+
+
+def read_settings(container: Container, paths: list[str]) -> list:
+    """kamstrup_textfile.read_settings() of each file, by the installed module in the
+    container: its result, or the exception it raised as text."""
+    code = (
+        "import sys, json, kamstrup_textfile as k\n"
+        "def read(path):\n"
+        "    try:\n"
+        "        return k.read_settings(path)\n"
+        "    except Exception as exc:\n"
+        "        return repr(exc)\n"
+        "print(json.dumps([read(path) for path in sys.argv[1:]]))\n"
+    )
+    tool = container.run("python3", "-c", code, *paths, check=False)
+    assert tool.returncode == 0, tool.stderr
+    return json.loads(tool.stdout)
+
+
+def test_settings_parsers_agree(container):
+    """The tool's read_settings() and systemd's EnvironmentFile= read one file alike."""
+    texts = ["".join(SETTINGS_LINES), *SETTINGS_FILE_ENDS]
+    paths, by_systemd = zip(*environment_files(container, texts))
+    print("systemd:", json.dumps(by_systemd, indent=1))
+    assert list(by_systemd) == [SYSTEMD_252_SETTINGS, *SETTINGS_FILE_ENDS.values()]
+    assert read_settings(container, list(paths)) == list(by_systemd)
+
+
+def random_settings(rng: random.Random) -> str:
+    """A settings file of a few lines made of the pieces the two parsers may read apart."""
+    pieces = ["x", "y z", " ", "\t", '"', "'", "\\", "#", ";", "=", "$", "`", "é", "\r", "\n"]
+    pieces += ["\x0b", "\x0c", "\x1c", "\x85", "\xa0", "\u2028"]  # str.split() and splitlines()
+    lines = []
+    for _ in range(rng.randint(1, 4)):
+        line = rng.choice(["", "", " ", "\t", "#", ";", "export "])
+        line += rng.choice(["KT_A", "KT_B", "kt_c", "KT_A ", "K T", "1KT", ""])
+        if rng.random() < 0.9:
+            line += rng.choice(["=", "=", " = ", "= "])
+        line += "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        lines.append(line + rng.choice(["\n", "\n", "\r\n", "\\\n", "\r", ""]))
+    return "".join(lines)
+
+
+def test_settings_parsers_agree_on_random_files(container):
+    """500 files of quotes, escapes, comments and line ends (the same every run): systemd
+    and read_settings() read each alike; the files they disagree on are listed."""
+    rng = random.Random(16)
+    texts = [random_settings(rng) for _ in range(500)]
+    by_systemd = environment_files(container, texts)
+    refused = [texts[i] for i, (_, env) in enumerate(by_systemd) if env is None]
+    assert refused == [], "systemd did not start with these files"
+    by_tool = read_settings(container, [path for path, _ in by_systemd])
+    disagree = [
+        (text, env, tool) for text, (_, env), tool in zip(texts, by_systemd, by_tool) if env != tool
+    ]
+    assert disagree == [], "\n".join(f"{t!r}: systemd {e!r}, tool {o!r}" for t, e, o in disagree)
+
+
+# Files systemd 252 does not start a unit with ("Failed to load environment files":
+# EINVAL for a name or value that is not UTF-8, EBADMSG for a NUL), so the tool never runs.
+SETTINGS_SYSTEMD_REFUSES = (
+    b"KAMSTRUP_LABEL=location=K\xf6ln\n",  # Latin-1
+    b"KAMSTRUP_\xc4DDRESS=48\n",
+    b"KAMSTRUP_LABEL='location=\xff\nKAMSTRUP_ADDRESS=48'\nKAMSTRUP_BAUDRATE=2400\n",
+    b"KAMSTRUP_ADDRESS=48\x00\n",
+    b"# a NUL in a comment \x00\nKAMSTRUP_ADDRESS=48\n",
+)
+
+
+def test_a_file_systemd_refuses_is_refused(container, settings):
+    """What systemd does not start kamstrup.service with, read_settings() refuses (raises)
+    and a hand run refuses in one line (exit 2); the live file stays as it was."""
+    found = environment_files(container, list(SETTINGS_SYSTEMD_REFUSES))
+    assert [env for _, env in found] == [None] * len(found), found
+    results = read_settings(container, [path for path, _ in found])
+    assert all(isinstance(result, str) for result in results), results  # an exception
+
+    settings(BUS_SETTINGS)
+    with container.meter(meters=BUS_METERS):
+        status, lines, _ = container.start_service()
+        assert (status, lines) == (0, []), lines
+        before = textfile_state(container)
+        container.path("/etc/default/kamstrup").write_bytes(
+            BUS_SETTINGS.encode() + SETTINGS_SYSTEMD_REFUSES[0]
+        )
+        status, lines, _ = container.start_service()
+        result = container.systemctl("show", "--property=Result", "--value", "kamstrup")
+        hand = container.run("kamstrup-textfile", "--once", check=False)
+        after = textfile_state(container)
+    assert (status, result, lines) == (1, "resources", []), lines
+    assert (hand.returncode, hand.stdout) == (2, ""), hand.stderr
+    assert len(hand.stderr.splitlines()) == 1, hand.stderr
+    assert "/etc/default/kamstrup" in hand.stderr, hand.stderr
+    assert after == before
 
 
 # --------------------------------------------------------------------------
