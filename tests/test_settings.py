@@ -470,3 +470,16 @@ def test_messages_and_help_are_utf8_in_the_c_locale(tmp_path):
     assert f"port {port} does not exist".encode() in done.stderr
     done = run("--help", environ=env(**C_LOCALE))
     assert done.returncode == 0 and b"KAMSTRUP_LABEL" in done.stdout
+
+
+def test_what_systemd_252_passed_is_what_read_settings_reads(tmp_path):
+    """The lines and file ends that tests/test_container.py gave a real systemd 252, with
+    what it passed on, recorded there: the fast check of the same agreement."""
+    from test_container import SETTINGS_FILE_ENDS, SETTINGS_LINES, SYSTEMD_252_SETTINGS
+
+    path = tmp_path / "kamstrup"
+    path.write_bytes("".join(SETTINGS_LINES).encode("utf-8"))
+    assert kt.read_settings(str(path)) == SYSTEMD_252_SETTINGS
+    for text, expected in SETTINGS_FILE_ENDS.items():
+        path.write_bytes(text.encode("utf-8"))
+        assert kt.read_settings(str(path)) == expected, text
