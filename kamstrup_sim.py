@@ -728,49 +728,87 @@ class PtyLine(_Line):
 
 
 class TcpLine(_Line):
-    """A TCP listener (one client at a time), like a network M-Bus gateway."""
+    """A TCP listener like a transparent serial-to-TCP M-Bus gateway: any number of
+    clients at once, every client's bytes go onto the one bus and the bus's bytes go to
+    every client connected (the gateway cannot know who asked), each at its time after
+    the request that caused it, while further requests still come in.  Two masters on
+    one gateway therefore read each other's answers, as on a real one.  An answer cut off
+    (``disconnect_at``) drops every client, as a gateway that lost its line does."""
 
     def __init__(self, bus, host="127.0.0.1", port=0, baudrate=2400, pace=True):
         super().__init__(bus, baudrate, pace)
         self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.server.bind((host, port))
-        self.server.listen(4)
+        self.server.listen(8)
         self.host, self.port = self.server.getsockname()[:2]
         self.url = f"socket://{self.host}:{self.port}"
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.stop.is_set():
-            ready, _, _ = select.select([self.server], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                self._serve_connection(conn)
+        import heapq
 
-    def _serve_connection(self, conn: socket.socket) -> None:
-        hung_up = []
+        clients: list = []
+        due: list = []  # heap of (time, order, bytes, hang up after?) still to go out
+        order = 0
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                chunk = bytearray()
+                hang_up = False
+                while due and due[0][0] <= now:
+                    _, _, data, cut = heapq.heappop(due)
+                    chunk += data
+                    hang_up = hang_up or cut
+                for conn in list(clients):
+                    try:
+                        if chunk:
+                            conn.sendall(chunk)
+                        if hang_up:
+                            conn.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    if hang_up:
+                        self._drop(conn, clients)
+                if hang_up:  # the line is gone: what was still to come never comes
+                    due.clear()
+                wait = 0.05 if not due else max(0.0, min(0.05, due[0][0] - now))
+                ready, _, _ = select.select([self.server, *clients], [], [], wait)
+                for sock in ready:
+                    if sock is self.server:
+                        try:
+                            clients.append(self.server.accept()[0])
+                        except OSError:
+                            return
+                        continue
+                    try:
+                        data = sock.recv(4096)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        self._drop(sock, clients)
+                        continue
+                    start = time.monotonic()
+                    for delay, answer, cut in self.bus.feed(data):
+                        begin = start + delay
+                        for i in range(len(answer)):  # a byte is there once its 11 bits are
+                            order += 1
+                            when = begin + (i + 1) * self.byte_time
+                            last = cut and i == len(answer) - 1
+                            heapq.heappush(due, (when, order, answer[i : i + 1], last))
+                        if cut and not answer:
+                            order += 1
+                            heapq.heappush(due, (begin, order, b"", True))
+        finally:
+            for conn in clients:
+                conn.close()
 
-        def hang_up():
-            conn.shutdown(socket.SHUT_RDWR)
-            hung_up.append(True)
-
-        while not self.stop.is_set() and not hung_up:
-            ready, _, _ = select.select([conn], [], [], 0.05)
-            if not ready:
-                continue
-            try:
-                data = conn.recv(4096)
-            except OSError:
-                return
-            if not data or not self._answer(data, conn.sendall, hang_up):
-                self.bus.buffer.clear()
-                return
+    def _drop(self, conn: socket.socket, clients: list) -> None:
+        clients.remove(conn)
+        conn.close()
+        if not clients:  # a request cut off by the last client's going is forgotten
+            self.bus.buffer.clear()
 
     def close(self) -> None:
         super().close()

@@ -3570,31 +3570,35 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answ
     A port that fails (an adapter unplugged or reset) fails the meter being read; it
     is opened anew for the next one, and when that fails too, the meters left get that
     error.  A meter that stays silent while another program has the port open is told so.
-    With ``baudrate`` "auto" each meter is read at the first rate it answers at (the
-    rate the meter before answered at first).  Stopped by a signal, the meters not read
-    yet get that as their error.
+    With ``baudrate`` "auto" each meter is read at the first rate it answers at, trying
+    first the rate the bus last answered at (the first auto rate while none has): a
+    meter that answered at no rate leaves the bus at the last rate tried (300), where
+    the meters after it would all be read slowly, and after a long wait at that.
+    Stopped by a signal, the meters not read yet get that as their error.
     """
     rates = list(AUTO_RATES) if baudrate == "auto" else [baudrate]
     readings: list = []
     bus = None
     port_error = None
+    answered = rates[0]  # the rate the bus last answered at
     try:
         for address in addresses:
             start = time.monotonic()
             if bus is None and port_error is None:
                 try:
-                    port = open_port(url, rates[0])
+                    port = open_port(url, answered)
                 except BusError as exc:
                     port_error = str(exc)
                 else:
-                    bus = Bus(port, baudrate=rates[0], timeout=timeout, retries=retries, log=log)
+                    bus = Bus(port, baudrate=answered, timeout=timeout, retries=retries, log=log)
                     bus.on_answer = on_answer
                     bus.on_refused = on_refused
             if port_error is not None:
                 readings.append(Reading(address, error=port_error, port=True))
                 continue
             try:
-                telegram = _read_at_some_rate(bus, address, rates, log)
+                telegram = _read_at_some_rate(bus, address, rates, log, first=answered)
+                answered = bus.baudrate
                 readings.append(Reading(address, telegram, duration=time.monotonic() - start))
             except BusError as exc:
                 if isinstance(exc, PortError):
@@ -3619,9 +3623,11 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answ
     return readings
 
 
-def _read_at_some_rate(bus: Bus, address, rates: list, log) -> Telegram:
-    """Read at the bus's rate, then at the others while the meter stays silent."""
-    order = [bus.baudrate] + [rate for rate in rates if rate != bus.baudrate]
+def _read_at_some_rate(bus: Bus, address, rates: list, log, first=None) -> Telegram:
+    """Read at ``first`` (by default the bus's rate), then at the others while the meter
+    stays silent."""
+    first = bus.baudrate if first is None else first
+    order = [first] + [rate for rate in rates if rate != first]
     for rate in order:
         bus.set_baudrate(rate)
         heard = bus.heard
