@@ -435,6 +435,28 @@ def test_port_holders_never_names_ourselves(tmp_path):
         os.close(master)
 
 
+def test_port_holders_never_names_ourselves_in_another_pid_namespace(tmp_path):
+    """In a pid namespace that shares the host's /proc (a container, unshare), our pid
+    (os.getpid(), here 1) is not the one /proc lists us under: we were named as the
+    holder of our own port."""
+    from tools import require_tool
+
+    code = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import kamstrup_textfile as kt\n"
+        "master, slave = os.openpty()\n"
+        "print(os.getpid(), repr(kt.port_holders(os.ttyname(slave))))\n"
+    )
+    unshare = require_tool("unshare")
+    result = subprocess.run(
+        [unshare, "--user", "--map-root-user", "--pid", "--fork", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1 ''\n"
+
+
 @pytest.mark.parametrize(
     "argv, name",
     [
@@ -455,3 +477,30 @@ def test_port_holders_never_names_ourselves(tmp_path):
 )  # fmt: skip
 def test_holder_name_from_command_line(argv, name):
     assert kt.command_name(argv) == name
+
+
+def test_a_busy_gateway_names_the_process_that_holds_its_lock():
+    url = "socket://192.0.2.10:10001"  # never reached: the lock is taken first
+    code = (
+        "import socket, sys\n"
+        "lock = socket.socket(socket.AF_UNIX)\n"
+        "lock.bind('\\0' + sys.argv[1])\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, kt.gateway_lock_name(url)[1:]],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        with pytest.raises(kt.BusError) as caught:
+            kt.open_port(url, 2400, wait=0.3)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(caught.value).startswith(
+        f"port {url} is busy: another run is reading the meters through gateway "
+        "192.0.2.10:10001 (in python"
+    )
+    assert str(caught.value).endswith(f" (pid {holder.pid}))")
