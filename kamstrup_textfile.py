@@ -2210,6 +2210,13 @@ def port_holders(device: str) -> str:
     targets = _lock_sockets(device) if "://" in device else {os.path.realpath(device)}
     if not targets:
         return ""
+    identity = None  # a name can be another file's: /dev/pts/0 of a container's devpts
+    if "://" not in device:
+        try:
+            own = os.stat(device)
+            identity = (own.st_dev, own.st_ino)
+        except OSError:
+            pass
     try:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
         me = os.readlink("/proc/self")
@@ -2227,6 +2234,10 @@ def port_holders(device: str) -> str:
             try:
                 if os.readlink(f"/proc/{pid}/fd/{fd}") not in targets:
                     continue
+                if identity is not None:  # the name matches: a device, safe to stat
+                    same = os.stat(f"/proc/{pid}/fd/{fd}")
+                    if (same.st_dev, same.st_ino) != identity:
+                        continue
             except OSError:
                 continue
             found.append(f"{_process_name(pid)} (pid {pid})")
