@@ -3121,6 +3121,8 @@ def write_atomic(path: str, text: str) -> None:
     target, then the directory fsynced.  Any failure removes the temporary file.
     A link is followed (its target is replaced, not the link); anything but a regular
     file (a device such as /dev/null, a directory) is refused, never replaced.
+    The temporary is flock'ed from just after its creation until it has been renamed:
+    that, not the pid in its name, tells another run's sweep it is being written.
     """
     path = check_output(path)
     _remove_stale_temporaries(path)
@@ -3128,10 +3130,7 @@ def write_atomic(path: str, text: str) -> None:
     base = os.path.basename(path)
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
     data = text.encode("utf-8")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as exc:
-        raise OutputError(f"cannot write into {directory}: {exc.strerror}") from None
+    fd = _create_locked(tmp, directory)
     try:
         try:
             os.fchmod(fd, 0o644)  # whatever the umask
@@ -3140,9 +3139,9 @@ def write_atomic(path: str, text: str) -> None:
                 written = os.write(fd, view)
                 view = view[written:]
             os.fsync(fd)
+            os.replace(tmp, path)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            os.close(fd)  # lets the lock go, once the temporary is no more
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -3189,8 +3188,44 @@ def same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _create_locked(tmp: str, directory: str) -> int:
+    """Create ``tmp`` and flock it.  Between the two another run's sweep may find it
+    unlocked and remove it: then it is created again (the sweep removes only files it
+    has locked itself, so once ours is locked and still linked, it stays)."""
+    import fcntl
+
+    why = "its temporary file keeps vanishing"
+    for _ in range(10):
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # a sweep is removing it just now, or it cannot be removed
+            why = f"{os.path.basename(tmp)} is in the way"
+            time.sleep(0.01)
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot write into {directory}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a sweep looks at it
+            if os.fstat(fd).st_nlink:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # swept away before we had it locked: make it anew
+        why = "its temporary file keeps vanishing"
+    raise OutputError(f"cannot write into {directory}: {why}")
+
+
 def _remove_stale_temporaries(path: str) -> None:
-    """Temporary files a killed run left behind (its pid is gone)."""
+    """Temporary files a killed run left behind: those no live writer holds locked.
+
+    Their names carry the writer's pid, but pids are reused (a dead run's pid may now
+    be any process's, ours too): only the lock tells.  A candidate is removed while we
+    hold its lock, and only if its name still leads to the file we locked.
+    """
+    import fcntl
+    import stat
+
     directory = os.path.dirname(os.path.abspath(path))
     prefix = f".{os.path.basename(path)}."
     try:
@@ -3203,23 +3238,23 @@ def _remove_stale_temporaries(path: str) -> None:
         pid = name[len(prefix) : -len(".tmp")]
         if not (pid.isascii() and pid.isdigit()) or int(pid) == 0:
             continue  # not a name we give
-        # our own pid cannot be a live writer yet (pids are reused after a reboot)
-        if int(pid) != os.getpid() and _pid_alive(int(pid)):
-            continue
+        candidate = os.path.join(directory, name)
         try:
-            os.unlink(os.path.join(directory, name))
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
-            pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # gone, or more than any pid can be
-        return False
-    except OSError:
-        return True
-    return True
+            continue  # gone already, a link, or not ours to open
+        try:
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            now = os.lstat(candidate)
+            if (now.st_dev, now.st_ino) == (found.st_dev, found.st_ino):
+                os.unlink(candidate)
+        except OSError:
+            pass  # locked: a live writer's (or renamed or removed meanwhile)
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ pseudo-terminal (PtyLine), as root and as user nobody.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import os
 import re
@@ -408,7 +409,9 @@ def test_stale_temporary_removed_live_one_kept(tmp_path):
     other = tmp_path / ".other.prom.1.tmp"
     for path in (stale, live, other):
         path.write_text("half")
-    decode_to(out, HEAT_COOLING)
+    with open(live) as writing:
+        fcntl.flock(writing, fcntl.LOCK_EX)  # a writer holds its temporary locked
+        decode_to(out, HEAT_COOLING)
     assert not stale.exists()
     assert live.exists() and other.exists()
     assert out.read_text().endswith("\n")
@@ -559,7 +562,7 @@ def test_busy_port_waits_then_fails(tmp_path):
         line.close()
     assert result.returncode == 1
     message = one_error_line(result.stderr)  # only said once the 10 s wait is over
-    me = Path(f"/proc/{os.getpid()}/comm").read_text().strip()
+    me = kt.command_name(Path("/proc/self/cmdline").read_text().split("\0")[:-1])
     assert message == (
         f"kamstrup_textfile.py: port {line.path} is busy: another program has locked it "
         f"(open in {me} (pid {os.getpid()}))"
