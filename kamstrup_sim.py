@@ -7,7 +7,8 @@ creates a pseudo-terminal, answers on it like a MULTICAL 303 at primary address 
 (paced at the baud rate, 11 bits a byte, answering after 50 ms), sets
 KAMSTRUP_PORT to the pty for the command and exits with the command's status.
 ``--tcp 127.0.0.1:10001`` serves the same bus on a TCP socket
-(``--port socket://127.0.0.1:10001``) until interrupted.
+(``--port socket://127.0.0.1:10001``) until interrupted, like a transparent gateway:
+to any number of clients at once, each hearing every answer.
 
 The answers are real MULTICAL frames (tests/data/kamstrup), with the address and
 identification number rewritten.  As hostile as a real bus: each meter hears only
