@@ -3160,34 +3160,6 @@ def write_atomic(path: str, text: str) -> None:
         pass  # the file is in place; a directory that cannot be fsynced is not an error
 
 
-def others_carrying(path: str, readings: Sequence[Reading], bus: str) -> list:
-    """[(file, what)] for each other .prom file beside ``path`` that carries a meter this
-    run read, or this run's bus: a renamed KAMSTRUP_OUTPUT leaves the old file behind,
-    and two configurations may read one meter."""
-    meters = {meter_label(r.telegram, r.address) for r in readings if r.telegram is not None}
-    directory = os.path.dirname(os.path.realpath(path))
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
-    out = []
-    for name in names:
-        other = os.path.join(directory, name)
-        if not name.endswith(".prom") or same_file(other, path):
-            continue
-        previous = read_previous(other)
-        shared = sorted(meters & set(previous.meters.values()))
-        if shared:
-            out.append((other, "meter " + ", ".join(shared)))
-        elif bus in previous.buses:
-            out.append((other, f"bus {bus!r}"))
-    return out
-
-
-def same_file(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def _create_locked(tmp: str, directory: str) -> int:
     """Create ``tmp`` and flock it.  Between the two another run's sweep may find it
     unlocked and remove it: then it is created again (the sweep removes only files it
@@ -3214,6 +3186,34 @@ def _create_locked(tmp: str, directory: str) -> int:
         os.close(fd)  # swept away before we had it locked: make it anew
         why = "its temporary file keeps vanishing"
     raise OutputError(f"cannot write into {directory}: {why}")
+
+
+def others_carrying(path: str, readings: Sequence[Reading], bus: str) -> list:
+    """[(file, what)] for each other .prom file beside ``path`` that carries a meter this
+    run read, or this run's bus: a renamed KAMSTRUP_OUTPUT leaves the old file behind,
+    and two configurations may read one meter."""
+    meters = {meter_label(r.telegram, r.address) for r in readings if r.telegram is not None}
+    directory = os.path.dirname(os.path.realpath(path))
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        other = os.path.join(directory, name)
+        if not name.endswith(".prom") or same_file(other, path):
+            continue
+        previous = read_previous(other)
+        shared = sorted(meters & set(previous.meters.values()))
+        if shared:
+            out.append((other, "meter " + ", ".join(shared)))
+        elif bus in previous.buses:
+            out.append((other, f"bus {bus!r}"))
+    return out
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _remove_stale_temporaries(path: str) -> None:
