@@ -2214,9 +2214,9 @@ def port_holders(device: str) -> str:
     if "://" not in device:
         try:
             own = os.stat(device)
-            identity = (own.st_dev, own.st_ino)
         except OSError:
-            pass
+            return ""  # gone (an adapter unplugged): another file may have its name now
+        identity = (own.st_dev, own.st_ino)
     try:
         pids = [name for name in os.listdir("/proc") if name.isdigit()]
         me = os.readlink("/proc/self")
