@@ -224,7 +224,9 @@ def test_two_runs_on_one_gateway_at_once_both_read_every_meter(tmp_path):
         sim.Meter(address=133, ident="82937133", kind="303-heat"),
     ]
     line = sim.TcpLine(sim.SimulatedBus(meters), pace=True)
-    outs = [tmp_path / "one.prom", tmp_path / "two.prom"]
+    outs = [tmp_path / "one" / "kamstrup.prom", tmp_path / "two" / "kamstrup.prom"]
+    for out in outs:  # two directories: each run's file alone in its own
+        out.parent.mkdir()
     try:
         runs = [
             subprocess.Popen(
@@ -392,6 +394,21 @@ def test_busy_port_names_its_holder_by_its_command_line_through_a_pty(tmp_path):
     ) in result.stderr
 
 
+def request_on(master: int) -> bytes:
+    """The first bytes a client writes on the pty (until one has it open, the master
+    reads as hung up: EIO)."""
+    for _ in range(600):  # a guard against a hang: 30 s
+        ready, _, _ = select.select([master], [], [], 0.05)
+        try:
+            data = os.read(master, 64) if ready else b""
+        except OSError:
+            data = b""
+        if data:
+            return data
+        time.sleep(0.05)
+    return b""
+
+
 @pytest.mark.slow
 def test_a_second_run_names_the_first_run_that_holds_the_port(tmp_path):
     """The console script's process name is cut at 15 characters (kamstrup-textfi)."""
@@ -406,8 +423,8 @@ def test_a_second_run_names_the_first_run_that_holds_the_port(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        ready, _, _ = select.select([master], [], [], 30)  # its request: it has the port
-        assert ready, "the first run never wrote its request"
+        assert request_on(master) == kt.snd_nke(48)  # its request: it has the port
+        assert first.poll() is None
         second = subprocess.run(
             [str(script), "--once", "--port", path, "--address", "48",
              "--output", str(tmp_path / "second.prom")],
