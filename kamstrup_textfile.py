@@ -1793,6 +1793,9 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
     ctx = click.get_current_context()
+    found, in_file, warnings = settings(config, os.environ)
+    for text in warnings:  # first: KAMSTRUP_ONCE=1 alone says why it did nothing
+        _fail(f"warning: {text}")
     modes = [
         option
         for option, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
@@ -1804,9 +1807,6 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         raise click.UsageError(
             f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE"
         )
-    found, in_file, warnings = settings(config, os.environ)
-    for text in warnings:
-        _fail(f"warning: {text}")
     given = {"port": port, "baudrate": baudrate, "addresses": addresses, "timeout": timeout,
              "retries": retries, "output": output, "bus": bus, "labels": labels,
              "fmt": fmt, "capture_file": capture_file}  # fmt: skip

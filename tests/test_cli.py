@@ -8,13 +8,11 @@ user sees.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-import click
 import pytest
 from corpus import KAMSTRUP, LIBMBUS
-from tools import invoke, run_tool
+from tools import invoke, run_tool, up_line
 
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
@@ -127,7 +125,7 @@ def test_decode_stdin_in_process_prom():
     text = (KAMSTRUP / "multical403.hex").read_text()
     result = invoke(["--decode", "-", "--output", "-"], input=text)
     assert result.exit_code == 0
-    assert 'kamstrup_up{address="74"} 1\n' in result.stdout
+    assert up_line(74, 1, meter="77447744") in result.stdout
 
 
 # --- bad input files ------------------------------------------------------------------
@@ -215,24 +213,54 @@ def test_usage_errors_exit_2(kind, tmp_path, monkeypatch):
     assert not out.exists()
 
 
-@pytest.mark.parametrize(
-    "args, env, named",
-    [
-        (["--once"], {"KAMSTRUP_SCAN": "1"}, "--once and --scan (KAMSTRUP_SCAN in the env"),
-        (["--scan"], {"KAMSTRUP_ONCE": "true"}, "--once (KAMSTRUP_ONCE in the environment) and"),
-        (["--once", "--scan-secondary"], {}, "--once and --scan-secondary exclude"),
-    ],
-)
-def test_a_mode_set_in_the_environment_is_named_as_such(args, env, named, monkeypatch):
-    """KAMSTRUP_SCAN=1 left in /etc/default/kamstrup (or exported in a shell) would stop
-    every timer run with '--once and --scan exclude each other': say where --scan came from."""
+def test_two_modes_on_the_command_line_are_named(monkeypatch):
     monkeypatch.setattr(kt, "open_port", lambda *a, **k: pytest.fail("port opened"))
-    result = invoke([*args, "--output", "-"], env=env)
+    result = invoke(["--once", "--scan-secondary", "--output", "-"])
     assert result.exit_code == 2
     (line,) = result.stderr.splitlines()
-    if not hasattr(click.core, "ParameterSource"):  # click 7 (Debian 11) cannot tell
-        named = re.sub(r" \(\w+ in the env\w*\)?", "", named)
-    assert named in line, line
+    assert "--once and --scan-secondary exclude" in line, line
+
+
+ENV_ACTION_IGNORED = (
+    "kamstrup-textfile: warning: {name} in the environment is ignored: {option} is given "
+    "on the command line only"
+)
+
+
+def test_a_mode_set_in_the_environment_is_not_taken_and_is_named(monkeypatch):
+    """KAMSTRUP_SCAN=1 left in /etc/default/kamstrup (or exported in a shell) must not
+    turn the timer's --once into a scan, nor stop it: the run reads the meters, and one
+    line says that the variable was ignored."""
+    opened = []
+
+    def open_port(url, baudrate, wait=10.0):
+        opened.append(url)
+        return sim.FakePort(sim.SimulatedBus([sim.Meter(address=48)]), timeout=0.001)
+
+    monkeypatch.setattr(kt, "open_port", open_port)
+    monkeypatch.setattr(kt, "_scan", lambda *a, **k: pytest.fail("scanned"))
+    result = invoke(["--once", "--output", "-"], env={"KAMSTRUP_SCAN": "1"})
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        ENV_ACTION_IGNORED.format(name="KAMSTRUP_SCAN", option="--scan")
+    ]
+    assert opened == ["/dev/ttymeterBus"]
+    assert up_line(254, 1, meter="30303030") in result.stdout
+
+
+def test_once_set_in_the_environment_does_not_stop_a_scan(monkeypatch):
+    """KAMSTRUP_ONCE=true in the environment of a hand --scan: the scan runs, nothing is
+    read into a file, and one line names the ignored variable."""
+    scans = []
+    monkeypatch.setattr(kt, "_scan", lambda *a, **k: scans.append(a) or 0)
+    monkeypatch.setattr(kt, "read_meters", lambda *a, **k: pytest.fail("read as --once"))
+    result = invoke(["--scan"], env={"KAMSTRUP_ONCE": "true"})
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        ENV_ACTION_IGNORED.format(name="KAMSTRUP_ONCE", option="--once")
+    ]
+    assert [scan[0] for scan in scans] == ["/dev/ttymeterBus"]
+    assert "kamstrup_up" not in result.stdout
 
 
 def test_usage_error_subprocess_no_traceback():
@@ -303,16 +331,22 @@ def test_env_port_baudrate_timeout_retries_output(fake_bus, tmp_path):
     assert "no answer within 0.3 s" in result.stderr
     assert "after 2 tries" in result.stderr
     assert len(meters[0].requests) == 2
-    assert 'kamstrup_up{address="254"} 0\n' in out.read_text()
+    assert up_line(254, 0, bus="env") in out.read_text()
 
 
-def test_env_once_flag(fake_bus, tmp_path):
-    meters, _ = fake_bus
+def test_env_once_flag_is_not_an_action(fake_bus, tmp_path):
+    """KAMSTRUP_ONCE=1 does not make a run out of a command line that names no action
+    (a sourced settings file must never start a read, nor stop one): a usage error, no
+    port opened, no file written."""
+    meters, opened = fake_bus
     meters.append(sim.Meter(address=48))
     out = tmp_path / "k.prom"
     result = invoke(["--output", str(out)], env={"KAMSTRUP_ONCE": "1"})
-    assert result.exit_code == 0, result.stderr
-    assert 'kamstrup_energy_joules_total{meter="30303030"} 554400000\n' in out.read_text()
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("kamstrup-textfile: nothing to do: give one of --once"), line
+    assert opened == []
+    assert not out.exists()
 
 
 def test_command_line_beats_environment(fake_bus):
@@ -333,8 +367,8 @@ def test_env_address_list(fake_bus):
     meters.extend([sim.Meter(address=48), sim.Meter(address=133, ident="82937133")])
     result = invoke(["--once", "--output", "-"], env={"KAMSTRUP_ADDRESS": "48 133"})
     assert result.exit_code == 0, result.stderr
-    assert 'kamstrup_up{address="48"} 1\n' in result.stdout
-    assert 'kamstrup_up{address="133"} 1\n' in result.stdout
+    assert up_line(48, 1, meter="30303030") in result.stdout
+    assert up_line(133, 1, meter="82937133") in result.stdout
     assert 'address="254"' not in result.stdout
 
 
@@ -344,7 +378,8 @@ def test_env_label():
         env={"KAMSTRUP_LABEL": "location=cellar building=north"},
     )
     assert result.exit_code == 0
-    assert 'kamstrup_up{address="74",location="cellar",building="north"} 1\n' in result.stdout
+    up = 'kamstrup_up{address="74",bus="kamstrup",meter="77447744",location="cellar",'
+    assert up + 'building="north"} 1\n' in result.stdout
 
 
 def test_env_format():
@@ -368,7 +403,8 @@ def test_label_values_are_escaped():
     )
     assert result.exit_code == 0, result.stderr
     escaped = 'note="a \\"quoted\\" \\\\back\\nnew",site="x"'
-    assert f'kamstrup_up{{address="74",{escaped}}} 1\n' in result.stdout
+    up = 'kamstrup_up{address="74",bus="kamstrup",meter="77447744",'
+    assert f"{up}{escaped}}} 1\n" in result.stdout
     for line in result.stdout.splitlines():
         if not line.startswith("#"):
             assert escaped in line, line
@@ -397,7 +433,7 @@ def test_decode_writes_to_stdout_unless_told(tmp_path):
     """A decoded capture must never replace the live file by default."""
     result = run_tool("--decode", str(KAMSTRUP / "multical403.hex"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert 'kamstrup_up{address="74"} 1\n' in result.stdout
+    assert up_line(74, 1, meter="77447744") in result.stdout
     assert list(tmp_path.iterdir()) == []
 
 

@@ -60,7 +60,8 @@ def test_a_utf8_label_value_is_kept(tmp_path, fake_bus):
     out = tmp_path / "k.prom"
     result = invoke(["--once", "--output", str(out), "--label", "site=København"])
     assert result.exit_code == 0, result.stderr
-    assert 'kamstrup_up{address="254",site="København"} 1\n' in out.read_text("utf-8")
+    up = 'kamstrup_up{address="254",bus="k",meter="30303030",site="København"} 1\n'
+    assert up in out.read_text("utf-8")
 
 
 # --- stdout ----------------------------------------------------------------------------

@@ -189,9 +189,10 @@ def check(result, out: Path, tmp_path: Path, failed, meters=METERS) -> None:
     meter_of = {m["address"]: m.get("ident", "30303030") for m in meters}
     for address, meter in meter_of.items():
         down = failed == "open" or failed == address
-        assert series(families, "kamstrup_up", address=str(address)) == [
-            ({"address": str(address)}, "0" if down else "1")
-        ]
+        up = {"address": str(address), "bus": "kamstrup"}  # OLD knows no meter: a down one has none
+        if not down:
+            up["meter"] = meter
+        assert series(families, "kamstrup_up", address=str(address)) == [(up, "0" if down else "1")]
         readings = [
             labels
             for name, family in families.items()

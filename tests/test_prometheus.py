@@ -104,8 +104,8 @@ def test_promtool_accepts_a_run_with_a_failed_meter(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1
     text = out.read_text()
-    assert 'kamstrup_up{address="5",location="x"} 0\n' in text
-    assert 'kamstrup_up{address="74",location="x"} 1\n' in text
+    assert 'kamstrup_up{address="5",bus="k",location="x"} 0\n' in text
+    assert 'kamstrup_up{address="74",bus="k",meter="77447744",location="x"} 1\n' in text
     result = promtool_check(out)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -199,8 +199,11 @@ def test_node_exporter_serves_our_file(tmp_path):
         assert value(found, "kamstrup_info_code", **meter) == 0
         heat = {"meter": "82937133", **where}
         assert value(found, "kamstrup_info_flag", flag="v1_air", **heat) == 1
-        for address in ("48", "133", "74", "230", "183"):
-            assert value(found, "kamstrup_up", address=address, **where) == 1
+        serials = {"48": "30303030", "133": "82937133", "74": "77447744", "230": "32323232",
+                   "183": "67211183"}  # fmt: skip
+        for address, serial in serials.items():
+            up = {"address": address, "bus": "kamstrup", "meter": serial, **where}
+            assert value(found, "kamstrup_up", **up) == 1
         ours = [k for k in found if k[0].startswith("kamstrup_")]
         assert len(ours) == len(samples(prom.read_text()))  # nothing dropped as a duplicate
 

@@ -357,7 +357,7 @@ def test_several_meters_at_254_is_a_failed_read_that_says_so(fake_bus_in_time, t
         "--address, see --scan"
     )
     text = out.read_text()
-    assert 'kamstrup_up{address="254"} 0\n' in text
+    assert 'kamstrup_up{address="254",bus="k"} 0\n' in text
     assert "kamstrup_energy_joules_total" not in text
 
 

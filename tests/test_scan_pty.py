@@ -109,4 +109,4 @@ def test_several_meters_at_254_through_a_pty(tmp_path):
         "kamstrup_textfile.py: address 254: several meters answered at 254: give each its "
         "--address, see --scan"
     )
-    assert 'kamstrup_up{address="254"} 0\n' in out.read_text()
+    assert 'kamstrup_up{address="254",bus="k"} 0\n' in out.read_text()

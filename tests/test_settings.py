@@ -269,6 +269,7 @@ def test_version_in_the_environment_is_no_action(tmp_path, value):
         assert b"KAMSTRUP_VERSION in the environment is ignored: --version" in done.stderr
     done = run(environ=env(KAMSTRUP_VERSION=value, KAMSTRUP_ONCE="1"))
     assert done.returncode == 2 and b"nothing to do" in done.stderr
+    assert b"KAMSTRUP_ONCE in the environment is ignored: --once is given on" in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from corpus import KAMSTRUP
-from tools import TOOL
+from tools import TOOL, up_line
 from tools import run_tool as tool
 
 import kamstrup_sim as sim
@@ -43,8 +43,10 @@ def stable(text: str) -> list:
 
 
 def decoded_303(tmp_path: Path) -> str:
-    """What --decode makes of the simulated 303's frame (meter 30303030 at address 48)."""
-    out = tmp_path / "decoded.prom"
+    """What --decode makes of the simulated 303's frame (meter 30303030 at address 48), as
+    tmp_path / "k.prom" (bus "k"), but in a directory of its own: no second file with it."""
+    (tmp_path / "decoded").mkdir(exist_ok=True)
+    out = tmp_path / "decoded" / "k.prom"
     result = tool("--decode", str(KAMSTRUP / "multical303_heat_cooling.hex"), "--output", str(out))
     assert result.returncode == 0, result.stderr
     return out.read_text()
@@ -130,7 +132,7 @@ def test_answer_beyond_timeout_fails(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("kamstrup_textfile.py: address 48")
     assert "no answer within 0.3 s" in lines[0]
-    assert 'kamstrup_up{address="48"} 0\n' in out.read_text()
+    assert up_line(48, 0, bus="k") in out.read_text()
     assert ENERGY_48 not in out.read_text()
 
 
@@ -168,11 +170,12 @@ def test_several_meters_one_missing_over_pty(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "address 5:" in lines[0]
     text = out.read_text()
-    for address, up in (("48", 1), ("5", 0), ("133", 1), ("74", 1)):
-        assert f'kamstrup_up{{address="{address}"}} {up}\n' in text
+    for address, up, meter in (("48", 1, "30303030"), ("5", 0, None), ("133", 1, "82937133"),
+                               ("74", 1, "77447744")):  # fmt: skip
+        assert up_line(address, up, bus="k", meter=meter) in text
     assert ENERGY_48 in text
     assert 'kamstrup_energy_joules_total{meter="82937133"} 46800000\n' in text
-    assert 'kamstrup_meter_info{address="74",meter="77447744"' in text
+    assert 'kamstrup_meter_info{address="74",bus="k",meter="77447744"' in text
     assert requests_of(bus).count("10 40 05 45 16") == 2  # the missing one: 1 + retries
     assert not any(r.startswith("10 7B 05") for r in requests_of(bus))
 
@@ -190,7 +193,7 @@ def test_kamstrup_sim_wraps_a_once_run(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     text = out.read_text()
-    assert 'kamstrup_up{address="254"} 1\n' in text
+    assert up_line(254, 1, bus="k", meter="30303030") in text
     assert ENERGY_48 in text and TEMPS_48 in text
 
 
@@ -202,7 +205,7 @@ def test_kamstrup_sim_passes_the_exit_status(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "address 48" in result.stderr
-    assert 'kamstrup_up{address="48"} 0\n' in out.read_text()
+    assert up_line(48, 0, bus="k") in out.read_text()
 
 
 def test_kamstrup_sim_echo_and_several_meters(tmp_path):
@@ -213,8 +216,8 @@ def test_kamstrup_sim_echo_and_several_meters(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     text = out.read_text()
-    assert 'kamstrup_up{address="48"} 1\n' in text
-    assert 'kamstrup_up{address="74"} 1\n' in text
+    assert up_line(48, 1, bus="k", meter="30303030") in text
+    assert up_line(74, 1, bus="k", meter="77447744") in text
 
 
 # --- scan and verbose ----------------------------------------------------------------------
@@ -325,8 +328,8 @@ def test_adapter_unplugged_mid_answer(tmp_path):
         "(see 10-usbports.rules for /dev/ttymeterBus)? (not read: address 133)"
     )
     text = out.read_text()
-    assert 'kamstrup_up{address="48"} 0\n' in text
-    assert 'kamstrup_up{address="133"} 0\n' in text
+    assert up_line(48, 0, bus="k") in text  # the old file named no meter
+    assert up_line(133, 0, bus="k") in text
     assert "kamstrup_energy_joules_total" not in text
 
 
@@ -513,7 +516,7 @@ def test_a_full_stderr_costs_no_reading(tmp_path, args):
         line.close()
     if args[0] == "--once":
         assert result.returncode == 0
-        assert 'kamstrup_up{address="48"} 1' in out.read_text()
+        assert up_line(48, 1, bus="k", meter="82937133") in out.read_text()
     else:
         assert result.returncode == 0
         assert result.stdout.splitlines()[-2:] == ['KAMSTRUP_ADDRESS="48"',

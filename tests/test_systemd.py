@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -311,19 +312,21 @@ def test_timer_comment_shows_a_every_minute_dropin():
 # --------------------------------------------------------------------------
 # /etc/default/kamstrup
 
-VARIABLES = ["PORT", "BAUDRATE", "ADDRESS", "TIMEOUT", "RETRIES", "OUTPUT", "LABEL", "FORMAT"]
+VARIABLES = ["PORT", "BAUDRATE", "ADDRESS", "TIMEOUT", "RETRIES", "OUTPUT", "BUS", "LABEL",
+             "FORMAT", "CAPTURE"]  # fmt: skip
 
 
 def environment_file(text: str) -> dict[str, str]:
-    """NAME=VALUE lines as systemd's EnvironmentFile= reads them (quotes removed)."""
+    """NAME=VALUE lines as systemd's EnvironmentFile= reads them (quotes removed): a value
+    whole in double quotes, whole in single quotes (taken as it is), or one word."""
     env = {}
     for line in text.splitlines():
         line = line.strip()
         if not line or line[0] in "#;":
             continue
-        m = re.fullmatch(r'([A-Za-z_][A-Za-z0-9_]*)=(?:"([^"]*)"|(\S*))', line)
+        m = re.fullmatch(r"""([A-Za-z_][A-Za-z0-9_]*)=(?:"([^"\\]*)"|'([^']*)'|(\S*))""", line)
         assert m, f"not an EnvironmentFile line: {line!r}"
-        env[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
+        env[m.group(1)] = next(g for g in m.groups()[1:] if g is not None)
     return env
 
 
@@ -345,14 +348,24 @@ def test_default_file_uncommented_drives_the_tool(tmp_path):
     assert sorted(env) == sorted(f"KAMSTRUP_{n}" for n in VARIABLES)
     out = tmp_path / "kamstrup.prom"
     env["KAMSTRUP_OUTPUT"] = str(out)
+    env["KAMSTRUP_CAPTURE"] = str(tmp_path / "capture.hex")
     del env["KAMSTRUP_PORT"]  # the simulator sets it to its pty
     addresses = env["KAMSTRUP_ADDRESS"].split()
     meters = [f"303:{a}:{71234560 + i}" for i, a in enumerate(addresses)]
     proc = run_simulated_read(meters=meters, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # every name in the file is one the tool reads: no warning
     samples = parse_exposition(out.read_text())
     up = {lb for n, lb, v in samples if n == "kamstrup_up" and v == 1}
     labels = "".join(
-        f',{kv.split("=")[0]}="{kv.split("=")[1]}"' for kv in env["KAMSTRUP_LABEL"].split()
+        f',{k}="{v}"' for k, v in (kv.split("=", 1) for kv in shlex.split(env["KAMSTRUP_LABEL"]))
     )
-    assert up == {f'{{address="{a}"{labels}}}' for a in addresses}
+    bus = env["KAMSTRUP_BUS"]
+    assert up == {
+        f'{{address="{a}",bus="{bus}",meter="{71234560 + i}"{labels}}}'
+        for i, a in enumerate(addresses)
+    }
+    assert "boiler room" in labels  # the example's quoted blank survived both parsers
+    comments = [line for line in (tmp_path / "capture.hex").read_text().splitlines()
+                if line.startswith("# ")]  # fmt: skip
+    assert [re.search(r" address (\d+) ", c).group(1) for c in comments] == addresses

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import serial
 from corpus import KAMSTRUP
-from tools import TOOL, invoke
+from tools import TOOL, invoke, up_line
 
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
@@ -219,8 +219,10 @@ def test_decode_file_shape(tmp_path):
 
 def test_decode_is_deterministic(tmp_path):
     frames = sorted(KAMSTRUP.glob("*.hex"))
-    first = decode_to(tmp_path / "a.prom", *frames, labels=["location=x"])
-    second = decode_to(tmp_path / "b.prom", *frames, labels=["location=x"])
+    (tmp_path / "a").mkdir()  # one name (so one bus label), two directories
+    (tmp_path / "b").mkdir()
+    first = decode_to(tmp_path / "a" / "k.prom", *frames, labels=["location=x"])
+    second = decode_to(tmp_path / "b" / "k.prom", *frames, labels=["location=x"])
     assert first.count("\n") == second.count("\n") > 100
     assert [line for line in first.splitlines() if not volatile(line)] == [
         line for line in second.splitlines() if not volatile(line)
@@ -265,8 +267,9 @@ def test_contract_with_labels(tmp_path):
 
 def test_per_address_families(tmp_path):
     families = parse_prom(decode_to(tmp_path / "k.prom", HEAT_COOLING, labels=["site=x"]))
-    address = {"address": "48", "site": "x"}
-    assert series(families, "kamstrup_up") == [(address, "1")]
+    address = {"address": "48", "bus": "k", "site": "x"}
+    up = {"address": "48", "bus": "k", "meter": "30303030", "site": "x"}
+    assert series(families, "kamstrup_up") == [(up, "1")]
     assert [lab for lab, _ in series(families, "kamstrup_read_duration_seconds")] == [address]
     (labels, value), *rest = series(families, "kamstrup_last_success_timestamp_seconds")
     assert rest == [] and labels == address
@@ -275,6 +278,7 @@ def test_per_address_families(tmp_path):
         (
             {
                 "address": "48",
+                "bus": "k",
                 "meter": "30303030",
                 "manufacturer": "KAM",
                 "version": "64",
@@ -344,7 +348,8 @@ def test_once_in_process_contract(fake_bus, tmp_path):
     assert result.stderr == ""
     families = parse_prom(out.read_text())
     check_contract(families, {"l": "v"})
-    assert series(families, "kamstrup_up") == [({"address": "48", "l": "v"}, "1")]
+    up = {"address": "48", "bus": "k", "meter": "30303030", "l": "v"}
+    assert series(families, "kamstrup_up") == [(up, "1")]
 
 
 def test_silent_meter_in_process(fake_bus, tmp_path):
@@ -364,7 +369,7 @@ def test_silent_meter_in_process(fake_bus, tmp_path):
     families = parse_prom(out.read_text())
     ups = {lab["address"]: value for lab, value in series(families, "kamstrup_up")}
     assert ups == {"48": "1", "5": "0", "133": "1"}
-    assert 'kamstrup_up{address="5"} 0\n' in out.read_text()
+    assert up_line(5, 0, bus="k") in out.read_text()
     assert "55555555" not in out.read_text()
     assert not series(families, "kamstrup_meter_info", address="5")
     assert not series(families, "kamstrup_last_success_timestamp_seconds", address="5")
@@ -454,15 +459,17 @@ def test_write_atomic_replaces_and_leaves_no_temporary(tmp_path):
 def test_once_on_pty_contract_and_determinism(tmp_path):
     meters = lambda: [sim.Meter(address=48)]  # noqa: E731  (a fresh bus for every run)
     outputs = []
-    for name in ("a.prom", "b.prom"):
-        out = tmp_path / name
+    for name in ("a", "b"):  # two directories: a second file with our meter is warned of
+        out = tmp_path / name / "k.prom"
+        out.parent.mkdir()
         result = run_once_on_pty(meters(), out, "--address", "48", "--label", "site=x")
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""
         outputs.append(out.read_text())
     families = parse_prom(outputs[0])
     check_contract(families, {"site": "x"})
-    assert series(families, "kamstrup_up") == [({"address": "48", "site": "x"}, "1")]
+    up = {"address": "48", "bus": "k", "meter": "30303030", "site": "x"}
+    assert series(families, "kamstrup_up") == [(up, "1")]
     stable = [[line for line in text.splitlines() if not volatile(line)] for text in outputs]
     assert stable[0] == stable[1]
     assert len(stable[0]) > 50
@@ -482,9 +489,9 @@ def test_silent_meter_on_pty(tmp_path):
     line = one_error_line(result.stderr)
     assert "address 5" in line and "no answer" in line
     text = out.read_text()
-    assert 'kamstrup_up{address="5"} 0\n' in text
-    assert 'kamstrup_up{address="48"} 1\n' in text
-    assert 'kamstrup_up{address="133"} 1\n' in text
+    assert up_line(5, 0, bus="k") in text
+    assert up_line(48, 1, bus="k", meter="30303030") in text
+    assert up_line(133, 1, bus="k", meter="82937133") in text
     assert len(meters[1].requests) == 2  # SND_NKE and one retry, nothing more
 
 
@@ -499,7 +506,7 @@ def test_missing_port(tmp_path):
     )
     assert result.returncode == 1
     assert "does not exist" in one_error_line(result.stderr)
-    assert 'kamstrup_up{address="254"} 0\n' in out.read_text()
+    assert up_line(254, 0, bus="k") in out.read_text()
 
 
 @pytest.mark.slow
@@ -527,7 +534,7 @@ def test_permission_denied_names_dialout(open_dir):
     message = one_error_line(result.stderr)
     assert "permission denied" in message.lower()
     assert "dialout" in message
-    assert 'kamstrup_up{address="254"} 0\n' in result.stdout
+    assert up_line(254, 0) in result.stdout
 
 
 def test_busy_port_in_process_short_wait(tmp_path, monkeypatch):
@@ -542,7 +549,7 @@ def test_busy_port_in_process_short_wait(tmp_path, monkeypatch):
         line.close()
     assert result.exit_code == 1
     assert "busy" in one_error_line(result.stderr)
-    assert 'kamstrup_up{address="254"} 0\n' in out.read_text()
+    assert up_line(254, 0, bus="k") in out.read_text()
 
 
 @pytest.mark.slow
@@ -590,7 +597,7 @@ def test_busy_port_released_while_waiting(tmp_path):
         holder.close()
         line.close()
     assert proc.returncode == 0, stderr
-    assert 'kamstrup_up{address="254"} 1\n' in out.read_text()
+    assert up_line(254, 1, bus="k", meter="30303030") in out.read_text()
 
 
 @pytest.mark.slow
@@ -696,7 +703,7 @@ def test_killed_run_temporary_cleaned_by_next_run(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not stale.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["kamstrup.prom"]
-    assert 'kamstrup_up{address="254"} 1\n' in prom.read_text()
+    assert up_line(254, 1, meter="30303030") in prom.read_text()
 
 
 # 1795640161.0 is the run time at which CI once failed: a whole second is written
@@ -713,8 +720,8 @@ def test_last_success_kept_when_label_values_have_braces_quotes_and_newlines(
     out = tmp_path / "kamstrup.prom"
     out.write_text(text)
     assert (
-        'kamstrup_last_success_timestamp_seconds{address="74",note="a}b \\"q\\" \\\\ c\\nd"}'
-        in text
+        'kamstrup_last_success_timestamp_seconds{address="74",bus="kamstrup",'
+        'note="a}b \\"q\\" \\\\ c\\nd"}' in text
     )
     previous = kt.read_previous(str(out))
     kept = previous.last_success
@@ -723,15 +730,15 @@ def test_last_success_kept_when_label_values_have_braces_quotes_and_newlines(
     failed = kt.exposition([kt.Reading(74, error="no answer")], labels, previous)
     assert kept["74"] == round(now, 3)
     written = f"{round(now, 3):.3f}".rstrip("0").rstrip(".")
-    assert f'{{address="74",note="a}}b \\"q\\" \\\\ c\\nd"}} {written}\n' in failed
+    assert f'{{address="74",bus="kamstrup",note="a}}b \\"q\\" \\\\ c\\nd"}} {written}\n' in failed
 
 
 def test_a_meter_reached_at_two_addresses_is_exported_once():
     telegram = kt.decode_telegram(bytes.fromhex(sim.FRAMES["303"]))
     text = kt.exposition([kt.Reading(254, telegram), kt.Reading(48, telegram)])
     assert text.count("kamstrup_energy_joules_total{") == 1
-    assert 'kamstrup_up{address="254"} 1\n' in text
-    assert 'kamstrup_up{address="48"} 1\n' in text
+    assert up_line(254, 1, meter="30303030") in text
+    assert up_line(48, 1, meter="30303030") in text
     assert "record=" not in text
 
 

@@ -42,6 +42,13 @@ def run_simulated_read(
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+def up_line(address, value, bus: str = "kamstrup", meter: str | None = None) -> str:
+    """The kamstrup_up line a run writes for one address: ``bus`` after ``address``,
+    ``meter`` (the serial number) when the meter is known, no constant labels."""
+    meter_label = f',meter="{meter}"' if meter is not None else ""
+    return f'kamstrup_up{{address="{address}",bus="{bus}"{meter_label}}} {value}\n'
+
+
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
 
 
