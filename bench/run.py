@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 TOP = HERE.parent
 sys.path.insert(0, str(TOP))
 
+import kamstrup_mbus as mbus  # noqa: E402
 import kamstrup_sim as sim  # noqa: E402
 import kamstrup_textfile as kt  # noqa: E402
 
@@ -108,7 +109,7 @@ def median(values) -> float:
 def one_read(runs: int, pmb: str | None) -> list:
     answer = sim.Meter().telegrams()[0]
     # paced by the simulator: E5 and the answer; both after the 50 ms answer delay
-    floor = kt.wire_seconds(1 + len(answer), BAUD) + 2 * DELAY
+    floor = mbus.wire_seconds(1 + len(answer), BAUD) + 2 * DELAY
     meter = [{"address": 48, "delay": DELAY}]
     out = tempfile.mkdtemp()
     # the pty passes our 10 request bytes at once; on a real line they add 46 ms
@@ -191,7 +192,7 @@ def msb_twin(frame: bytes) -> bytes:
         out += body[pos : pos + head] + body[pos + head : pos + head + length][::-1]
         pos += head + length
     assert pos == len(body)
-    return kt.long_frame(frame[4], frame[5], 0x76, out)
+    return mbus.long_frame(frame[4], frame[5], 0x76, out)
 
 
 def throughput(seconds: float, pmb: str | None) -> list:
@@ -233,7 +234,7 @@ def throughput(seconds: float, pmb: str | None) -> list:
 def many_meters(counts, runs: int) -> list:
     rows = []
     answer = sim.Meter().telegrams()[0]
-    per_meter = kt.wire_seconds(1 + len(answer), BAUD) + 2 * DELAY
+    per_meter = mbus.wire_seconds(1 + len(answer), BAUD) + 2 * DELAY
     timeout, retries = 1.0, 2
     for n in counts:
         meters = [{"address": a, "ident": f"{a:08d}", "delay": DELAY} for a in range(1, n + 1)]
@@ -251,7 +252,7 @@ def many_meters(counts, runs: int) -> list:
         wall = median(r[0] for r in results)
         # SND_NKE windows (counted from the end of the request and its answer's first byte)
         # and the quiet line before each retry
-        window = kt.wire_seconds(5 + 1, BAUD) + timeout
+        window = mbus.wire_seconds(5 + 1, BAUD) + timeout
         silent_budget = (1 + retries) * window + retries * 0.1
         floor = (n - 1) * per_meter + silent_budget
         rows.append((n, wall, (n - 1) * per_meter, silent_budget, floor))
@@ -263,8 +264,8 @@ def scans(rates, secondary_only: bool) -> list:
     rows = []
     answer = sim.Meter().telegrams()[0]
     for rate in rates:
-        probe = kt.wire_seconds(5, rate) + kt.slowest_answer(rate)
-        read = 0.1 + kt.wire_seconds(5 + len(answer), rate) + DELAY  # quiet, REQ_UD2, answer
+        probe = mbus.wire_seconds(5, rate) + mbus.slowest_answer(rate)
+        read = 0.1 + mbus.wire_seconds(5 + len(answer), rate) + DELAY  # quiet, REQ_UD2, answer
         if not secondary_only:
             meters = [sim.Meter(address=133, ident="82937133", baudrate=rate, delay=DELAY)]
             wall, _ = _scan_wall(meters, rate, "--scan")
@@ -273,7 +274,7 @@ def scans(rates, secondary_only: bool) -> list:
         meters = [sim.Meter(address=0, ident=i, baudrate=rate, delay=DELAY) for i in idents]
         wall, stderr = _scan_wall(meters, rate, "--scan-secondary")
         selections = int(stderr.split("secondary search at")[1].split(":")[1].split()[0])
-        select = kt.wire_seconds(17, rate) + kt.slowest_answer(rate)
+        select = mbus.wire_seconds(17, rate) + mbus.slowest_answer(rate)
         floor = selections * select + 3 * read
         rows.append(("--scan-secondary, 3 meters", rate, wall, floor, selections))
     return rows

@@ -11,6 +11,7 @@ import serial
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kamstrup_mbus as mbus
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
@@ -22,7 +23,7 @@ def make_bus(meters, *, echo=False, timeout=0.5, retries=2, baudrate=2400, pause
     """A Bus on a line in simulated time: answers take their delay and wire time."""
     clock = sim.SimClock()
     port = sim.FakePort(
-        sim.SimulatedBus(meters, echo=echo), timeout=kt.READ_SLICE, clock=clock, baudrate=baudrate
+        sim.SimulatedBus(meters, echo=echo), timeout=mbus.READ_SLICE, clock=clock, baudrate=baudrate
     )
     bus = kt.Bus(port, baudrate=baudrate, timeout=timeout, retries=retries, pause=pause)
     bus.clock = clock
@@ -32,7 +33,9 @@ def make_bus(meters, *, echo=False, timeout=0.5, retries=2, baudrate=2400, pause
 def window(request_bytes: int, timeout: float, baudrate: int = 2400) -> float:
     """How long after a request is sent its answer may begin: the request and the answer's
     first byte on the wire, plus the timeout (never below the standard's limit)."""
-    return kt.wire_seconds(request_bytes + 1, baudrate) + max(timeout, kt.slowest_answer(baudrate))
+    return mbus.wire_seconds(request_bytes + 1, baudrate) + max(
+        timeout, mbus.slowest_answer(baudrate)
+    )
 
 
 def short_frames(written: bytes) -> list:
@@ -140,7 +143,7 @@ def test_a_meter_that_never_stops_is_a_failed_read_after_sixteen_telegrams():
     message = _bus_error(meter, retries=0)
     assert message == "still 'more records follow' after 16 telegrams: gave up"
     assert req_ud2_c_fields(meter) == [0x7B, 0x5B] * 8
-    assert kt.MAX_TELEGRAMS == 16
+    assert mbus.MAX_TELEGRAMS == 16
 
 
 # --- retries and corrupt answers ---------------------------------------------------
@@ -148,7 +151,7 @@ def test_a_meter_that_never_stops_is_a_failed_read_after_sixteen_telegrams():
 
 def quiet_period(bus) -> float:
     """How long the line must stay quiet before a retry (the pause, at least 4 bytes' time)."""
-    return max(bus.pause, kt.wire_seconds(4, bus.baudrate))
+    return max(bus.pause, mbus.wire_seconds(4, bus.baudrate))
 
 
 def test_retry_after_silence_succeeds():
@@ -159,7 +162,7 @@ def test_retry_after_silence_succeeds():
     assert short_frames(port.written)[:2] == [bytes.fromhex("10 40 30 70 16")] * 2
     first, retry = port.sent[0][0], port.sent[1][0]
     lost = window(5, 0.5) + quiet_period(bus)  # one window lost, then a quiet line, no more
-    assert lost <= retry - first <= lost + 2 * kt.READ_SLICE
+    assert lost <= retry - first <= lost + 2 * mbus.READ_SLICE
 
 
 def test_silent_meter_fails_with_no_answer():
@@ -248,7 +251,7 @@ def test_address_254_reads_a_meter_at_133():
 
 
 def test_select_frame_bytes():
-    frame = kt.select_secondary("82937133")
+    frame = mbus.select_secondary("82937133")
     body = bytes.fromhex("53 FD 52 33 71 93 82 FF FF FF FF")
     assert frame == bytes.fromhex("68 0B 0B 68") + body + bytes((sum(body) & 0xFF, 0x16))
 
@@ -277,7 +280,7 @@ def test_secondary_address_read_when_no_meter_is_selected_yet():
     bus = kt.Bus(port, timeout=0.05, retries=0, pause=0)
     telegram = bus.read("30303030")
     assert telegram.id == "30303030"
-    assert kt.select_secondary("30303030") in bytes(port.written)
+    assert mbus.select_secondary("30303030") in bytes(port.written)
 
 
 def test_secondary_address_of_another_meter_gets_no_answer():
@@ -324,10 +327,10 @@ def test_several_meters_one_missing_costs_only_its_deadlines():
     for address, meter in ((48, meters[0]), (133, meters[1]), (74, meters[2])):
         # nothing but the wire: SND_NKE, delay, E5, REQ_UD2, delay, the answer
         answer = len(meter.telegrams()[0])
-        wire = 2 * (kt.wire_seconds(5, 2400) + meter.delay) + kt.wire_seconds(1 + answer, 2400)
+        wire = 2 * (mbus.wire_seconds(5, 2400) + meter.delay) + mbus.wire_seconds(1 + answer, 2400)
         assert spent[address] == pytest.approx(wire, abs=1e-9)
     floor = (1 + retries) * window(5, timeout) + retries * quiet_period(bus)
-    assert floor <= spent[5] <= floor + (1 + 2 * retries) * kt.READ_SLICE
+    assert floor <= spent[5] <= floor + (1 + 2 * retries) * mbus.READ_SLICE
     to_5 = [f for f in short_frames(port.written) if f[2] == 5]
     assert to_5 == [bytes.fromhex("10 40 05 45 16")] * (1 + retries)
 
@@ -408,7 +411,7 @@ def test_an_answer_that_begins_within_the_standards_limit_is_read_at_once(
 ):
     """A meter may start answering up to 330 bit times + 50 ms after the request (EN
     13757-2), whatever --timeout says; its answer then gets its own wire time."""
-    delay = lateness * kt.slowest_answer(baudrate)
+    delay = lateness * mbus.slowest_answer(baudrate)
     meter = sim.Meter(address=48, delay=delay, multi=multi)
     bus, _, _ = make_bus([meter], timeout=timeout, retries=2, baudrate=baudrate)
     telegram = bus.read(48)
@@ -434,7 +437,7 @@ def test_a_retry_waits_until_a_late_answer_is_over():
     assert telegram.records == expected_records()
     assert req_ud2_c_fields(meter) == [0x7B, 0x7B]  # the retry keeps the FCB
     (first, _), (retry, _) = [s for s in port.sent if s[1][1] & 0xCF == 0x4B]
-    late_end = first + kt.wire_seconds(5, 2400) + late + kt.wire_seconds(142, 2400)
+    late_end = first + mbus.wire_seconds(5, 2400) + late + mbus.wire_seconds(142, 2400)
     assert retry >= late_end + quiet_period(bus)
     assert any(line.startswith("late 68 88 88 68") for line in lines)
 
@@ -446,7 +449,7 @@ class BabblingPort(sim.FakePort):
     """A line that never stops sending ``pattern`` (a stuck adapter, a broken slave)."""
 
     def __init__(self, pattern: bytes, clock):
-        super().__init__(sim.SimulatedBus([]), timeout=kt.READ_SLICE, clock=clock)
+        super().__init__(sim.SimulatedBus([]), timeout=mbus.READ_SLICE, clock=clock)
         self.pattern = pattern
         self.sent_bytes = 0
 
@@ -467,8 +470,8 @@ def test_a_babbling_line_cannot_hold_a_read_past_its_deadline(pattern):
         bus.read(48)
     # the request's window and the longest answer's (and an echo's) time, twice (adapters
     # deliver in bursts), and a stall
-    most = window(5, 1.0) + 2 * kt.wire_seconds(kt.LONGEST_ANSWER + 5, 2400) + kt.STALL
-    assert clock.now <= most + 2 * kt.READ_SLICE
+    most = window(5, 1.0) + 2 * mbus.wire_seconds(mbus.LONGEST_ANSWER + 5, 2400) + mbus.STALL
+    assert clock.now <= most + 2 * mbus.READ_SLICE
 
 
 @pytest.mark.parametrize("delay, noise", [(0.1875, b"\x00"), (0.185, b"\x00\xfe")])

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from test_textfile import parse_prom
 from tools import SimTime, invoke, require_tool
 
+import kamstrup_mbus as mbus
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
@@ -108,11 +109,12 @@ def fuzz_run(monkeypatch, base, read_only, label_list, via_env, address, fmt, ou
     clock = sim.SimClock()
     meter = sim.Meter(address=48)
     monkeypatch.setattr(kt, "time", SimTime(clock))
+    monkeypatch.setattr(mbus, "time", SimTime(clock))
     monkeypatch.setattr(
         kt,
         "open_port",
         lambda url, baudrate: sim.FakePort(
-            sim.SimulatedBus([meter]), timeout=kt.READ_SLICE, clock=clock
+            sim.SimulatedBus([meter]), timeout=mbus.READ_SLICE, clock=clock
         ),
     )
     output, watched = prepare(output_kind, base, read_only)

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from test_textfile import parse_prom, series
 from tools import SimTime, invoke
 
+import kamstrup_mbus as mbus
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
@@ -95,7 +96,7 @@ class FaultySerial:
         phase = "open" if world.opens == 1 else "reopen"
         for name in OPEN_CALLS:
             world.call(name, phase)
-        self.port = sim.FakePort(world.bus, timeout=kt.READ_SLICE, clock=world.clock)
+        self.port = sim.FakePort(world.bus, timeout=mbus.READ_SLICE, clock=world.clock)
         self.is_open = True
 
     def reset_input_buffer(self) -> None:
@@ -124,7 +125,7 @@ class FaultySerial:
             world.dead_for = world.target
         if world.dead_for is not None:
             self.port.reset_input_buffer()  # whatever comes is lost
-            world.clock.sleep(kt.READ_SLICE)
+            world.clock.sleep(mbus.READ_SLICE)
             return b""
         data = self.port.read(n)
         if special == PART:
@@ -145,6 +146,7 @@ METERS = (
 def run(tmp_path: Path, monkeypatch, fault=None, meters=METERS, echo=False):
     world = World([sim.Meter(**m) for m in meters], fault, echo=echo)
     monkeypatch.setattr(kt, "time", SimTime(world.clock))
+    monkeypatch.setattr(mbus, "time", SimTime(world.clock))
     monkeypatch.setattr(serial, "serial_for_url", lambda url, **kw: FaultySerial(world, url, **kw))
     out = tmp_path / "kamstrup.prom"
     out.write_text(OLD)

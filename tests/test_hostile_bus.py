@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+import kamstrup_mbus as mbus
+import kamstrup_port as kport
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
@@ -139,10 +141,10 @@ def test_simulated_gateway_serves_several_clients_at_once():
         b = socket.create_connection((line.host, line.port))
         with a, b:
             time.sleep(0.2)  # both accepted before the first byte (the gateway's own pace)
-            a.sendall(kt.snd_nke(48))
+            a.sendall(mbus.snd_nke(48))
             assert recv_until(a, 1) == b"\xe5"
             assert recv_until(b, 1) == b"\xe5"
-            b.sendall(kt.req_ud2(48, True))
+            b.sendall(mbus.req_ud2(48, True))
             frame = sim.rewrite(bytes.fromhex(sim.FRAMES["303"]), 48, "30303030")
             assert recv_until(b, len(frame)) == frame
             assert recv_until(a, len(frame)) == frame
@@ -159,7 +161,7 @@ def test_simulated_gateway_pulled_mid_answer_drops_every_client():
         b = socket.create_connection((line.host, line.port))
         with a, b:
             time.sleep(0.2)
-            a.sendall(kt.req_ud2(48, True))
+            a.sendall(mbus.req_ud2(48, True))
             assert len(recv_until(a, 1000)) == 20
             assert len(recv_until(b, 1000)) == 20
     finally:
@@ -182,19 +184,19 @@ def test_simulated_gateway_pulled_mid_answer_drops_every_client():
 def test_gateway_lock_key(one, other, same):
     """One lock for one gateway port, whichever protocol reaches it (socket:// and
     rfc2217:// on one host and port are one serial line behind one TCP port)."""
-    assert kt.gateway_lock_name(one) is not None
-    assert (kt.gateway_lock_name(one) == kt.gateway_lock_name(other)) == same
+    assert kport.gateway_lock_name(one) is not None
+    assert (kport.gateway_lock_name(one) == kport.gateway_lock_name(other)) == same
 
 
 @pytest.mark.parametrize("url", ["/dev/ttyUSB0", "loop://", "COM3", "socket://gw:x"])
 def test_no_gateway_lock_for_what_is_no_gateway(url):
-    assert kt.gateway_lock_name(url) is None
+    assert kport.gateway_lock_name(url) is None
 
 
 def test_gateway_lock_name_fits_an_abstract_socket_whatever_the_host():
-    name = kt.gateway_lock_name(f"socket://{'a' * 63}.{'b' * 63}.{'c' * 63}.example:65535")
+    name = kport.gateway_lock_name(f"socket://{'a' * 63}.{'b' * 63}.{'c' * 63}.example:65535")
     assert name.startswith("\0") and len(name.encode()) <= 107
-    assert name != kt.gateway_lock_name(f"socket://{'a' * 63}.{'b' * 63}.{'d' * 63}.x:1")
+    assert name != kport.gateway_lock_name(f"socket://{'a' * 63}.{'b' * 63}.{'d' * 63}.x:1")
 
 
 def test_a_busy_gateway_is_waited_for_then_one_line_names_it():
@@ -423,7 +425,7 @@ def test_a_second_run_names_the_first_run_that_holds_the_port(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert request_on(master) == kt.snd_nke(48)  # its request: it has the port
+        assert request_on(master) == mbus.snd_nke(48)  # its request: it has the port
         assert first.poll() is None
         second = subprocess.run(
             [str(script), "--once", "--port", path, "--address", "48",
@@ -493,7 +495,7 @@ def test_port_holders_never_names_ourselves_in_another_pid_namespace(tmp_path):
     ],
 )  # fmt: skip
 def test_holder_name_from_command_line(argv, name):
-    assert kt.command_name(argv) == name
+    assert kport.command_name(argv) == name
 
 
 def test_a_busy_gateway_names_the_process_that_holds_its_lock():
@@ -506,7 +508,7 @@ def test_a_busy_gateway_names_the_process_that_holds_its_lock():
         "sys.stdin.read()\n"
     )
     holder = subprocess.Popen(
-        [sys.executable, "-c", code, kt.gateway_lock_name(url)[1:]],
+        [sys.executable, "-c", code, kport.gateway_lock_name(url)[1:]],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+import kamstrup_mbus as mbus
 import kamstrup_textfile as kt
 
 HEADER = bytes.fromhex("30303030 2D2C 40 04 00 00 0000".replace(" ", ""))
 
 
 def record(dib_vib_data: str) -> kt.Record:
-    frame = kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex(dib_vib_data))
+    frame = mbus.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex(dib_vib_data))
     (only,) = kt.decode_telegram(frame).records
     return only
 
@@ -41,7 +42,7 @@ def test_type_g_year_beyond_99_is_no_date():
 
 def test_reset_counter_is_a_counter_named_without_counter():
     telegram = kt.decode_telegram(
-        kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("01FD6007"))
+        mbus.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("01FD6007"))
     )
     base, counter, labels, value = kt.record_series(telegram, telegram.records[0])
     assert (base, counter, value) == ("resets", True, 7)
@@ -50,7 +51,9 @@ def test_reset_counter_is_a_counter_named_without_counter():
 def test_negative_accumulation_of_a_volume_is_not_the_volume_counter():
     """Only energy turns 0x3C into a name (cooling energy); elsewhere it stays apart."""
     telegram = kt.decode_telegram(
-        kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("0494 3C 01000000".replace(" ", "")))
+        mbus.long_frame(
+            0x08, 0x30, 0x72, HEADER + bytes.fromhex("0494 3C 01000000".replace(" ", ""))
+        )
     )
     base, counter, labels, value = kt.record_series(telegram, telegram.records[0])
     assert base == "register_volume"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from test_textfile import parse_prom, series
 from tools import SimTime, invoke
 
+import kamstrup_mbus as mbus
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
@@ -24,12 +25,13 @@ def fake_bus_in_time(monkeypatch):
     meters: list = []
     clock = sim.SimClock()
     monkeypatch.setattr(kt, "time", SimTime(clock))
+    monkeypatch.setattr(mbus, "time", SimTime(clock))
     buses: list = []  # one bus, made at the first open (the test adds its meters first)
 
     def open_port(url, baudrate, wait=10.0):
         if not buses:
             buses.append(sim.SimulatedBus(meters))
-        return sim.FakePort(buses[0], timeout=kt.READ_SLICE, clock=clock, baudrate=baudrate)
+        return sim.FakePort(buses[0], timeout=mbus.READ_SLICE, clock=clock, baudrate=baudrate)
 
     monkeypatch.setattr(kt, "open_port", open_port)
     return meters
@@ -37,7 +39,7 @@ def fake_bus_in_time(monkeypatch):
 
 def make_bus(meters, baudrate=2400, timeout=0.0, retries=2):
     clock = sim.SimClock()
-    port = sim.FakePort(sim.SimulatedBus(meters), timeout=kt.READ_SLICE, clock=clock,
+    port = sim.FakePort(sim.SimulatedBus(meters), timeout=mbus.READ_SLICE, clock=clock,
                         baudrate=baudrate)  # fmt: skip
     bus = kt.Bus(port, baudrate=baudrate, timeout=timeout, retries=retries)
     bus.clock = clock
@@ -46,14 +48,14 @@ def make_bus(meters, baudrate=2400, timeout=0.0, retries=2):
 
 def floor(baudrate: int, found_reads: float = 0.0) -> float:
     """EN 13757-2's floor for a scan of 0-250: each probe's wire time and window."""
-    probe = kt.wire_seconds(5, baudrate) + kt.slowest_answer(baudrate)
+    probe = mbus.wire_seconds(5, baudrate) + mbus.slowest_answer(baudrate)
     return 251 * probe + found_reads
 
 
 def read_time(meter, baudrate) -> float:
     """What confirming a found meter costs on the wire: a quiet line, REQ_UD2, its answer."""
     answer = len(meter.telegrams()[0])
-    return 0.1 + kt.wire_seconds(5 + answer, baudrate) + meter.delay
+    return 0.1 + mbus.wire_seconds(5 + answer, baudrate) + meter.delay
 
 
 # --- the primary scan -----------------------------------------------------------------------
@@ -71,13 +73,13 @@ def test_primary_scan_at_the_standards_speed(baudrate):
     assert notes == []
     probed = [frame[2] for _, frame in port.sent if frame[:2] == b"\x10\x40"]
     assert probed == [254, *range(251)]  # one to wake a sleepy meter first
-    wake = kt.wire_seconds(6, baudrate) + meter.delay + 0.1  # its E5, then a quiet line
+    wake = mbus.wire_seconds(6, baudrate) + meter.delay + 0.1  # its E5, then a quiet line
     least = floor(baudrate, read_time(meter, baudrate)) + wake
     # what the algorithm costs beyond the floor: the answer's first byte (11 bits) per
     # probe, a quiet line after the found meter's frame (a second meter at its address
     # that answers later), and at the end a listen for late answers to the last probes
     # (the last wait before each deadline is a select(), so no read overshoots it)
-    extra = 251 * kt.wire_seconds(1, baudrate) + 0.1 + kt.LATE_WINDOW + 1e-6
+    extra = 251 * mbus.wire_seconds(1, baudrate) + 0.1 + mbus.LATE_WINDOW + 1e-6
     assert least <= clock.now <= least + extra
     assert clock.now <= 1.10 * least
 
@@ -107,7 +109,7 @@ def test_no_phantom_whatever_the_lateness(address, delay, baudrate):
     found = kt.scan_primary(bus, note=lambda text: None)
     # found where it is (within the re-probe's 1 s), never at another address
     assert [f.telegram.address for f in found] in ([address], [])
-    if delay + kt.wire_seconds(6, baudrate) < kt.LATE_WINDOW:
+    if delay + mbus.wire_seconds(6, baudrate) < mbus.LATE_WINDOW:
         assert [f.telegram.address for f in found] == [address]
 
 
@@ -118,14 +120,14 @@ def test_a_meter_late_once_is_found_and_not_said_lost(late_by, baudrate):
     hiccup of the simulator's thread in CI): the re-probe finds it, in time; it may have
     sent the late E5, so nothing is "lost" (a false LOST failed the scan with exit 1),
     and a note that does not fail the scan says it answered only when asked again."""
-    once = kt.slowest_answer(baudrate) + late_by  # after the window
+    once = mbus.slowest_answer(baudrate) + late_by  # after the window
     # the first answer is to the wake-up at 254, the second to the probe of 48
     meter = sim.Meter(address=48, delay=0.05, delays=[0.05, once])
     bus, _, _ = make_bus([meter, sim.Meter(address=133, ident="82937133")], baudrate)
     notes = []
     found = kt.scan_primary(bus, note=notes.append)
     assert [f.telegram.address for f in found] == [48, 133]
-    assert notes == [f"address 48 {kt.ASKED_AGAIN}"]  # not failing (not in FAILING)
+    assert notes == [f"address 48 {mbus.ASKED_AGAIN}"]  # not failing (not in FAILING)
 
 
 def test_a_meter_that_missed_its_probe_does_not_hide_a_lost_one():
@@ -139,8 +141,8 @@ def test_a_meter_that_missed_its_probe_does_not_hide_a_lost_one():
     notes = []
     found = kt.scan_primary(bus, note=notes.append)
     assert [f.telegram.address for f in found] == [48]
-    assert notes == [f"address 48 {kt.ASKED_AGAIN}"]
-    assert kt.ASKED_AGAIN not in kt.FAILING
+    assert notes == [f"address 48 {mbus.ASKED_AGAIN}"]
+    assert mbus.ASKED_AGAIN not in kt.FAILING
 
 
 def test_a_collision_at_a_primary_address_is_reported_never_listed():
@@ -153,7 +155,7 @@ def test_a_collision_at_a_primary_address_is_reported_never_listed():
     notes = []
     found = kt.scan_primary(bus, note=notes.append)
     assert [f.telegram.address for f in found] == [48]
-    assert notes == [f"address 200: {kt.COLLISION}"]
+    assert notes == [f"address 200: {mbus.COLLISION}"]
 
 
 def test_the_scan_cli_lines_and_settings(fake_bus_in_time):
@@ -395,9 +397,9 @@ def test_answers_to_different_requests_overlap_on_the_line():
     their bytes overlap both are framing errors (00); nothing waits for a free line."""
     late, prompt = sim.Meter(address=1, delay=0.3), sim.Meter(address=2)
     bus, port, clock = make_bus([late, prompt], baudrate=2400)
-    port.write(kt.snd_nke(1))
+    port.write(mbus.snd_nke(1))
     clock.now += 0.252
-    port.write(kt.snd_nke(2))  # its E5 comes 2 ms before the late one's has ended
+    port.write(mbus.snd_nke(2))  # its E5 comes 2 ms before the late one's has ended
     clock.now += 1.0
     assert port.read(10) == b"\x00\x00"
 
@@ -438,7 +440,7 @@ def test_a_late_answer_read_after_the_master_changed_its_rate_is_garbage():
     UART reads it (bytes of garbage); at the old rate it is an E5."""
     for rate, expected in ((2400, b"\xe5"), (9600, None)):
         bus, port, clock = make_bus([sim.Meter(address=48, delay=0.25)], baudrate=2400)
-        port.write(kt.snd_nke(48))
+        port.write(mbus.snd_nke(48))
         clock.now += 0.1  # the E5 comes at 0.27 s
         port.baudrate = rate
         clock.now += 1.0
@@ -463,7 +465,7 @@ def test_a_late_answer_at_one_rate_is_not_garbage_at_the_next():
 def test_selection_with_either_fcb(c):
     meter = sim.Meter(address=48, ident="30303030")
     bus = sim.SimulatedBus([meter])
-    frame = bytearray(kt.select_secondary("30303030"))
+    frame = bytearray(mbus.select_secondary("30303030"))
     frame[4] = c
     frame[-2] = sum(frame[4:-2]) & 0xFF
     assert bus.feed(bytes(frame)) == [(0.05, b"\xe5", False)]
@@ -484,7 +486,7 @@ def test_wildcards_manufacturer_version_and_medium():
 
 def scan(meters, baudrate=9600, echo=False, timeout=0.0, retries=2):
     clock = sim.SimClock()
-    port = sim.FakePort(sim.SimulatedBus(meters, echo=echo), timeout=kt.READ_SLICE,
+    port = sim.FakePort(sim.SimulatedBus(meters, echo=echo), timeout=mbus.READ_SLICE,
                         clock=clock, baudrate=baudrate)  # fmt: skip
     bus = kt.Bus(port, baudrate=baudrate, timeout=timeout, retries=retries)
     bus.clock = clock
@@ -498,7 +500,7 @@ def test_every_late_meter_of_a_slow_gateway_is_found(baudrate, delay):
     meters = [sim.Meter(address=a, ident=f"1000{a:04d}", delay=delay) for a in (100, 101, 104)]
     found, notes, _ = scan(meters, baudrate)
     assert found == [100, 101, 104], notes
-    assert not any(kt.COLLISION in n or kt.LOST in n for n in notes), notes
+    assert not any(mbus.COLLISION in n or mbus.LOST in n for n in notes), notes
 
 
 @settings(max_examples=60, deadline=None)
@@ -511,9 +513,9 @@ def test_late_meters_are_found_or_said_lost_never_a_false_collision(addresses, d
     meters = [sim.Meter(address=a, ident=f"1000{a:04d}", delay=delay) for a in addresses]
     found, notes, _ = scan(meters, baudrate)
     assert set(found) <= set(addresses)  # never a phantom
-    assert not any(kt.COLLISION in n for n in notes), notes  # one meter an address
+    assert not any(mbus.COLLISION in n for n in notes), notes  # one meter an address
     if set(found) != set(addresses):
-        assert any(kt.LOST in n for n in notes), (found, notes)  # never missed in silence
+        assert any(mbus.LOST in n for n in notes), (found, notes)  # never missed in silence
 
 
 def test_a_sleepy_meter_is_woken_before_the_scan():
@@ -565,13 +567,13 @@ def test_a_stray_byte_of_noise_is_no_late_meter():
     class NoisyLine(sim.FakePort):
         def write(self, data):
             n = super().write(data)
-            if data == kt.snd_nke(30):
+            if data == mbus.snd_nke(30):
                 self.incoming.append((self.clock() + 0.03, 0x00))
                 self.incoming.sort()
             return n
 
     clock = sim.SimClock()
-    port = NoisyLine(sim.SimulatedBus([sim.Meter(address=48)]), timeout=kt.READ_SLICE,
+    port = NoisyLine(sim.SimulatedBus([sim.Meter(address=48)]), timeout=mbus.READ_SLICE,
                      clock=clock, baudrate=9600)  # fmt: skip
     bus = kt.Bus(port, baudrate=9600, timeout=0.0, retries=2)
     bus.clock = clock
@@ -598,8 +600,8 @@ def test_two_meters_at_one_address_in_time_are_a_collision_and_nothing_else(baud
               sim.Meter(address=48, ident="48484848")]  # fmt: skip
     found, notes, took = scan(meters, baudrate)
     assert found == [48]
-    assert notes == [f"address 100: {kt.COLLISION}"]
-    assert took <= 1.10 * floor(baudrate) + 3 * kt.LATE_WINDOW
+    assert notes == [f"address 100: {mbus.COLLISION}"]
+    assert took <= 1.10 * floor(baudrate) + 3 * mbus.LATE_WINDOW
 
 
 @pytest.mark.parametrize("baudrate", [2400, 9600])
@@ -611,7 +613,7 @@ def test_two_meters_at_one_address_one_late_are_a_collision_there(baudrate):
               sim.Meter(address=101, ident="10101010")]  # fmt: skip
     found, notes, _ = scan(meters, baudrate)
     assert found == [101]
-    assert f"address 100: {kt.COLLISION}" in notes
+    assert f"address 100: {mbus.COLLISION}" in notes
     assert not any(n.startswith("address 101") for n in notes), notes
 
 
@@ -622,7 +624,7 @@ def test_two_late_meters_at_one_address_are_a_collision_not_a_lost_meter(delay):
               sim.Meter(address=48)]  # fmt: skip
     found, notes, _ = scan(meters, 9600)
     assert found == [48]
-    assert notes == [f"address 100: {kt.COLLISION}"]
+    assert notes == [f"address 100: {mbus.COLLISION}"]
 
 
 def test_secondary_search_with_a_prompt_and_a_late_meter_finds_both():
@@ -649,7 +651,7 @@ def test_a_late_meter_whose_e5_meets_a_neighbours_is_found(delay):
 def test_a_meter_just_under_a_second_late_is_found(address):
     found, notes, _ = scan([sim.Meter(address=address, delay=0.98)], 9600)
     assert found == [address], notes
-    assert kt.LOST not in notes
+    assert mbus.LOST not in notes
 
 
 def test_scan_auto_with_meters_that_detect_the_rate_lists_each_once(fake_bus_in_time):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tools import run_tool as tool
 
+import kamstrup_mbus as mbus
 import kamstrup_sim as sim
-import kamstrup_textfile as kt
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def test_scan_auto_finds_a_meter_at_9600_a_late_one_and_a_collision():
     assert re.fullmatch(
         r"kamstrup_textfile\.py: address 60 answered 0\.2[4-9] s after the request, after "
         r"the 0\.0844 s window: try --timeout 0\.[34]", notes[0]), notes  # fmt: skip
-    assert notes[1] == f"kamstrup_textfile.py: address 200: {kt.COLLISION}"
+    assert notes[1] == f"kamstrup_textfile.py: address 200: {mbus.COLLISION}"
     assert result.returncode == 1  # the collision is for the user to fix
     for progress in result.stderr.splitlines()[: -len(notes)]:
         assert re.fullmatch(r"scanned \d+ of 251 addresses at 9600 baud, [012] meters? found",

@@ -26,6 +26,7 @@ import serial
 from corpus import KAMSTRUP
 from tools import TOOL, invoke, up_line
 
+import kamstrup_port as kport
 import kamstrup_sim as sim
 import kamstrup_textfile as kt
 
@@ -569,7 +570,7 @@ def test_busy_port_waits_then_fails(tmp_path):
         line.close()
     assert result.returncode == 1
     message = one_error_line(result.stderr)  # only said once the 10 s wait is over
-    me = kt.command_name(Path("/proc/self/cmdline").read_text().split("\0")[:-1])
+    me = kport.command_name(Path("/proc/self/cmdline").read_text().split("\0")[:-1])
     assert message == (
         f"kamstrup_textfile.py: port {line.path} is busy: another program has locked it "
         f"(open in {me} (pid {os.getpid()}))"

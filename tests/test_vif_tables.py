@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import kamstrup_mbus as mbus
 import kamstrup_textfile as kt
 
 try:
@@ -23,7 +24,7 @@ HEADER = bytes.fromhex("30303030 2D2C 40 04 00 00 0000".replace(" ", ""))
 
 
 def records(dib_vib_data: str) -> list:
-    frame = kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex(dib_vib_data.replace(" ", "")))
+    frame = mbus.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex(dib_vib_data.replace(" ", "")))
     return kt.decode_telegram(frame).records
 
 
@@ -64,7 +65,7 @@ def test_a_reserved_real32_is_the_number_sent():
 
 
 def test_a_reserved_code_is_exported_raw_by_its_vif_bytes():
-    frame = kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("04FB8673E803000002FB40FEFF"))
+    frame = mbus.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("04FB8673E803000002FB40FEFF"))
     text = kt.exposition([kt.Reading(48, kt.decode_telegram(frame))])
     assert 'kamstrup_reserved_register{meter="30303030",vib="fb8673"} 1000\n' in text
     assert 'kamstrup_reserved_register{meter="30303030",vib="fb40"} -2\n' in text
@@ -222,7 +223,7 @@ ELECTRICITY = (
 
 
 def test_names_of_the_electrical_quantities():
-    frame = kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex(ELECTRICITY))
+    frame = mbus.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex(ELECTRICITY))
     text = kt.exposition([kt.Reading(48, kt.decode_telegram(frame))])
     meter = '{meter="30303030"}'
     assert f"kamstrup_reactive_power_vars{meter} 10000\n" in text
@@ -245,7 +246,7 @@ def wired(name: str) -> bytes:
     wired RSP_UD long frame, the link layer written here."""
     telegram = bytes.fromhex((FRAMES / name).read_text().strip())
     assert telegram[0] == len(telegram) - 1 and telegram[10] == 0x78
-    return kt.long_frame(0x08, 0x01, 0x78, telegram[11:])
+    return mbus.long_frame(0x08, 0x01, 0x78, telegram[11:])
 
 
 @pytest.mark.parametrize(
@@ -272,7 +273,7 @@ def test_gran_system_101_energy_and_clock():
 def test_a_security_key_is_never_exported():
     """FD 19 (2018): a key, like a password, stays out of the .prom (it is in the JSON,
     which a user asks for)."""
-    frame = kt.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("04FD1978563412"))
+    frame = mbus.long_frame(0x08, 0x30, 0x72, HEADER + bytes.fromhex("04FD1978563412"))
     text = kt.exposition([kt.Reading(48, kt.decode_telegram(frame))])
     assert "security_key" not in text
     assert str(0x12345678) not in text
