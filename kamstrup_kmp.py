@@ -526,7 +526,7 @@ class KmpMeter:
     request's echo, and by a time limit."""
 
     def __init__(self, port, *, baudrate=BAUDRATE, timeout=ANSWER_TIMEOUT, retries=2,
-                 pause=0.1, log=None, clock=None):  # fmt: skip
+                 pause=0.1, log=None, clock=None, on_answer=None):  # fmt: skip
         if not (math.isfinite(timeout) and math.isfinite(pause)):
             raise ValueError(f"timeout {timeout!r} and pause {pause!r} must be numbers")
         self.port = port
@@ -537,6 +537,7 @@ class KmpMeter:
         self.log = log
         self.clock = clock or time.monotonic
         self.requests = 0  # requests sent: each one costs the meter's battery
+        self.on_answer = on_answer  # called with each good answer's bytes (a capture)
 
     # -- raw I/O ---------------------------------------------------------
 
@@ -617,9 +618,13 @@ class KmpMeter:
                 del buf[:end]
                 self._trace("<", frame)
                 try:
-                    return parse_frame(frame)
+                    parsed = parse_frame(frame)
                 except KmpFrameError as exc:
                     bad = str(exc)
+                else:
+                    if self.on_answer is not None:
+                        self.on_answer(frame)
+                    return parsed
             at = buf.find(START_ANSWER)
             acked = acked or ACK in (buf if at < 0 else buf[:at])
             begun = at >= 0
@@ -704,11 +709,11 @@ class KmpMeter:
 
 
 def read_meter(port, *, baudrate=BAUDRATE, timeout=ANSWER_TIMEOUT, retries=2, log=None,
-               clock=None) -> KmpReading:  # fmt: skip
+               clock=None, on_answer=None) -> KmpReading:  # fmt: skip
     """Read the meter on ``port`` (opened with SERIAL_SETTINGS): its serial number and
     values in SI units, or KmpError saying why not."""
     meter = KmpMeter(port, baudrate=baudrate, timeout=timeout, retries=retries, log=log,
-                     clock=clock)  # fmt: skip
+                     clock=clock, on_answer=on_answer)  # fmt: skip
     return meter.read()
 
 

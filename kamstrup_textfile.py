@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Sequence
 
+import kamstrup_kmp as kmp
 from kamstrup_mbus import (
     _DATA_LENGTHS,
     ADDRESS_ANY,
@@ -50,6 +51,7 @@ from kamstrup_mbus import (
     split_frames,
 )  # fmt: skip
 from kamstrup_port import (
+    KMP_LINE,
     PORT_ERRORS,
     BusError,
     PortError,
@@ -457,6 +459,81 @@ class Reading(_Plain):
         self.error = error
         self.duration = duration
         self.port = port  # the error is the port's (it could not be opened), not the meter's
+
+
+KMP_ADDRESS = "kmp"  # the address label of a meter read through its optical eye
+HEAT = 0x04  # EN 13757-3's medium code for heat (outlet)
+
+
+def telegram_from_kmp(reading: kmp.KmpReading) -> Telegram:
+    """A KMP reading as the telegram the meter's M-Bus module would send: the same serial
+    number (the meter label), the same quantities in the same SI units, the info code
+    as Kamstrup's FF 22 register; so the same series through either port.  What KMP
+    does not say (the M-Bus version and medium byte) is left out or heat."""
+    records = [
+        Record(0, 0, 0, "instantaneous", register.quantity, register.unit, register.value)
+        for register in reading.registers.values()
+        if register.quantity not in (None, "info_code", "serial_number")
+    ]
+    if reading.info_code is not None:  # 16 flags as the 303 sends them, 32 when set higher
+        width = b"\x04" if reading.info_code > 0xFFFF else b"\x02"
+        records.append(Record(0, 0, 0, "instantaneous", "manufacturer_specific", "",
+                              reading.info_code, dib=width, vib=b"\xff\x22",
+                              manufacturer_vife=b"\x22"))  # fmt: skip
+    return Telegram(KMP_ADDRESS, None, id=reading.serial, manufacturer="KAM", medium=HEAT,
+                    records=records)  # fmt: skip
+
+
+def readings_from_kmp_frames(frames: Sequence[bytes]) -> list:
+    """KMP answers (a --capture of reads through the eye) as readings: a register that
+    comes again starts the next read."""
+    readings: list = []
+    registers: dict = {}
+    requests = 0
+
+    def done() -> None:
+        try:
+            reading = kmp.reading_from(registers, requests)
+        except kmp.KmpFrameError as exc:
+            readings.append(Reading(KMP_ADDRESS, error=str(exc)))
+        else:
+            readings.append(Reading(KMP_ADDRESS, telegram_from_kmp(reading)))
+
+    for frame in frames:
+        try:
+            these = kmp.parse_registers(kmp.parse_frame(frame))
+        except kmp.KmpFrameError as exc:
+            raise FrameError(f"KMP answer {frame.hex(' ').upper()[:60]}: {exc}") from None
+        if registers and set(these) & set(registers):
+            done()
+            registers, requests = {}, 0
+        registers.update(these)
+        requests += 1
+    if registers:
+        done()
+    return readings
+
+
+def split_kmp_frames(data: bytes) -> list:
+    """KMP answers one after another: 40 ... 0D (stuffing keeps 0D out of a frame)."""
+    frames = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] != kmp.START_ANSWER:
+            raise FrameError(f"no KMP answer at byte {pos}: 0x{data[pos]:02X} is not 0x40")
+        end = data.find(bytes((kmp.STOP,)), pos)
+        if end < 0:
+            raise FrameError(f"KMP answer at byte {pos} has no stop byte 0D")
+        frames.append(data[pos : end + 1])
+        pos = end + 1
+    return frames
+
+
+def readings_from_capture(data: bytes) -> list:
+    """A capture's answers, M-Bus (68 ...) or KMP (40 ...), as readings."""
+    if data[:1] == bytes((kmp.START_ANSWER,)):
+        return readings_from_kmp_frames(split_kmp_frames(data))
+    return readings_from_frames(split_frames(data))
 
 
 def readings_from_frames(frames: Sequence[bytes]) -> list:
@@ -1117,6 +1194,7 @@ SETTINGS = {  # name -> the option it sets (a parameter of cli())
     "KAMSTRUP_LABEL": "labels",
     "KAMSTRUP_FORMAT": "fmt",
     "KAMSTRUP_CAPTURE": "capture_file",
+    "KAMSTRUP_PROTOCOL": "protocol",
 }
 ACTIONS = {  # names a person may try; actions come from the command line only
     "KAMSTRUP_ONCE": "--once", "KAMSTRUP_SCAN": "--scan",
@@ -1364,9 +1442,9 @@ def _split_labels(setting: Setting) -> list:
 
 
 DEFAULTS = {  # what a setting is when neither the command line nor a setting gives it
-    "port": "/dev/ttymeterBus", "baudrate": 2400, "addresses": (), "timeout": None,
+    "port": "/dev/ttymeterBus", "baudrate": None, "addresses": (), "timeout": None,
     "retries": 2, "output": None, "bus": None, "labels": (), "fmt": "prom",
-    "capture_file": None,
+    "capture_file": None, "protocol": "mbus",
 }  # fmt: skip
 
 
@@ -1381,8 +1459,13 @@ def _differ(value: dict, conf: dict, given: dict, where: dict) -> str:
     """What of this run's meters is not the configuration's ("" when nothing is): the
     port, the addresses (in any order), the bus, the labels; named as they were given."""
     out = []
-    for param, option in (("port", "--port"), ("addresses", "--address"), ("bus", "--bus"),
-                          ("labels", "--label")):  # fmt: skip
+    for param, option in (
+        ("port", "--port"),
+        ("protocol", "--protocol"),
+        ("addresses", "--address"),
+        ("bus", "--bus"),
+        ("labels", "--label"),
+    ):
         mine, theirs = value[param], conf[param]
         if param == "port" and "://" not in mine + theirs and same_file(mine, theirs):
             continue  # /dev/ttyUSB0 for the link /dev/ttymeterBus is the same bus
@@ -1586,6 +1669,49 @@ def read_meters(url: str, addresses, *, baudrate, timeout, retries, log, on_answ
     return readings
 
 
+KMP_RATES = (1200, 2400)  # the eye talks 1200 baud; some meters and heads 2400 ("auto")
+IR_HEAD = "the infrared head"
+
+
+def read_kmp(url: str, *, baudrate, timeout, retries, log, on_answer=None) -> list:
+    """The meter on the optical eye, through KMP: one Reading (address "kmp"), at the
+    first of the rates it answers at with ``baudrate`` "auto"."""
+    rates = list(KMP_RATES) if baudrate == "auto" else [baudrate]
+    start = time.monotonic()
+    try:
+        port = open_port(url, rates[0], line=KMP_LINE, adapter=IR_HEAD)
+    except BusError as exc:
+        return [Reading(KMP_ADDRESS, error=str(exc), port=True)]
+    error = ""
+    try:
+        for rate in rates:
+            try:
+                if rate != port.baudrate:
+                    port.baudrate = rate
+                answer = (
+                    None if on_answer is None else (lambda f, r=rate: on_answer(KMP_ADDRESS, f, r))
+                )
+                reading = kmp.read_meter(port, baudrate=rate, timeout=timeout, retries=retries,
+                                         log=log, on_answer=answer)  # fmt: skip
+            except kmp.KmpError as exc:
+                error = f"{exc} at {rate} baud" if len(rates) > 1 else str(exc)
+                if str(exc).startswith("port failed") or "no answer" not in str(exc):
+                    break  # the head is gone, or a meter answered: another rate will not help
+                continue
+            except PORT_ERRORS as exc:
+                error = f"port failed: {_reason(exc)}"
+                break
+            if log and len(rates) > 1:
+                log(f"KMP: answered at {rate} baud")
+            telegram = telegram_from_kmp(reading)
+            return [Reading(KMP_ADDRESS, telegram, duration=time.monotonic() - start)]
+    except Stopped as exc:
+        error = f"not read: stopped by {exc.name}"
+    finally:
+        _close(port)
+    return [Reading(KMP_ADDRESS, error=error, duration=time.monotonic() - start)]
+
+
 def _read_at_some_rate(bus: Bus, address, rates: list, log, first=None) -> Telegram:
     """Read at ``first`` (by default the bus's rate), then at the others while the meter
     stays silent."""
@@ -1747,6 +1873,14 @@ Examples:
                   "checksum, as # lines with why); --decode FILE reads it back."),
 )  # fmt: skip
 @click.option(
+    "--protocol",
+    type=click.Choice(["mbus", "kmp"]),
+    default=None,
+    help=_setting("KAMSTRUP_PROTOCOL",
+                  "mbus: the wired M-Bus port (a USB M-Bus master); kmp: the optical eye "
+                  "(an infrared head), Kamstrup's KMP at 1200 baud, one meter.  [default: mbus]"),
+)  # fmt: skip
+@click.option(
     "--config",
     default=None,
     metavar="FILE",
@@ -1777,7 +1911,7 @@ Examples:
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
 @click.version_option(__version__)
 def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, capture_file,
-        config, once, decode_file, scan, scan_secondary, verbose):  # fmt: skip
+        protocol, config, once, decode_file, scan, scan_secondary, verbose):  # fmt: skip
     """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
 
     Give one of --once (read the meters, write the file: what the timer runs),
@@ -1809,7 +1943,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         )
     given = {"port": port, "baudrate": baudrate, "addresses": addresses, "timeout": timeout,
              "retries": retries, "output": output, "bus": bus, "labels": labels,
-             "fmt": fmt, "capture_file": capture_file}  # fmt: skip
+             "fmt": fmt, "capture_file": capture_file, "protocol": protocol}  # fmt: skip
     given = {k: v for k, v in given.items() if v not in (None, ())}
     configured = {param: _setting_value(ctx, param, s) for param, s in found.items()}
     if decode_file is not None:
@@ -1830,13 +1964,26 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     if conf["output"] is None:
         conf["output"] = DEFAULT_OUTPUT
     for values in (value, conf):
+        if values["baudrate"] is None:  # each protocol's own rate
+            values["baudrate"] = KMP_RATES[0] if values["protocol"] == "kmp" else 2400
+        if values["protocol"] == "kmp":
+            values["addresses"] = (KMP_ADDRESS,)  # the one meter the eye is held on
         if values["bus"] is None:
             values["bus"] = _default_bus(values["output"] if values["output"] != "-"
                                          else conf["output"])  # fmt: skip
-    port, baudrate, timeout, retries, output, bus, fmt, labels, capture_file = (
+    port, baudrate, timeout, retries, output, bus, fmt, labels, capture_file, protocol = (
         value[k] for k in ("port", "baudrate", "timeout", "retries", "output", "bus", "fmt",
-                           "labels", "capture_file")
+                           "labels", "capture_file", "protocol")
     )  # fmt: skip
+    if protocol == "kmp" and "addresses" in given:
+        raise click.UsageError("--address does not apply to --protocol kmp: the optical eye "
+                               "reads the one meter it is held on")  # fmt: skip
+    if protocol == "kmp" and "addresses" in found:
+        _fail(f"warning: {where['addresses']} does not apply to KMP (the optical eye reads "
+              "the one meter it is held on): ignored")  # fmt: skip
+    if protocol == "kmp" and scan_secondary:
+        raise click.UsageError("--scan-secondary is M-Bus's search: use --scan with "
+                               "--protocol kmp")  # fmt: skip
     addresses = list(dict.fromkeys(value["addresses"])) or [ADDRESS_ANY]
     names = [name for name, _ in labels]
     twice = sorted({name for name in names if names.count(name) > 1})
@@ -1876,7 +2023,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
                 raise FrameError(
                     f"more than {DECODE_LIMIT >> 20} MiB: not a capture of M-Bus answers"
                 )
-            readings = readings_from_frames(split_frames(parse_hex(_capture_text(data))))
+            readings = readings_from_capture(parse_hex(_capture_text(data)))
         except FrameError as exc:
             _fail(f"{getattr(decode_file, 'name', '-')}: {exc}")
             sys.exit(1)
@@ -1887,15 +2034,34 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
             _fail(f"{getattr(decode_file, 'name', '-')}: not hex text")
             sys.exit(1)
         _report(readings)
+    elif scan and protocol == "kmp":
+        sys.exit(_scan_kmp(port, baudrate, timeout or kmp.ANSWER_TIMEOUT, retries, log))
     elif scan or scan_secondary:
         sys.exit(_scan(port, baudrate, timeout or 0.0, retries, log, secondary=scan_secondary))
     else:
         _STOPPING.update(signum=None, raise_=True)
         capture = _Capture(capture_file, port) if capture_file else None
         try:
-            readings = read_meters(port, addresses, baudrate=baudrate, timeout=timeout or 1.0,
-                                   retries=retries, log=log, on_answer=capture,
-                                   on_refused=capture and capture.refused)  # fmt: skip
+            if protocol == "kmp":
+                readings = read_kmp(
+                    port,
+                    baudrate=baudrate,
+                    retries=retries,
+                    log=log,
+                    timeout=timeout or kmp.ANSWER_TIMEOUT,
+                    on_answer=capture,
+                )
+            else:
+                readings = read_meters(
+                    port,
+                    addresses,
+                    baudrate=baudrate,
+                    retries=retries,
+                    timeout=timeout or 1.0,
+                    log=log,
+                    on_answer=capture,
+                    on_refused=capture and capture.refused,
+                )
         finally:
             if capture is not None:
                 capture.close()
@@ -2036,6 +2202,46 @@ def _report(readings: Sequence[Reading]) -> None:
             meter = meter_label(reading.telegram, reading.address)
             _fail(f"address {reading.address}: meter {meter} was read at another "
                   "address too; its readings are written once")  # fmt: skip
+
+
+def _scan_kmp(url, baudrate, timeout, retries, log) -> int:
+    """--scan --protocol kmp: whether a meter answers KMP on the eye, its type and serial
+    number, at which rate (1200, then 2400 with auto), and the KAMSTRUP_* lines.  Two
+    requests at each rate tried: the battery pays for each."""
+    rates = list(KMP_RATES) if baudrate == "auto" else [baudrate]
+    tried = []
+    for rate in rates:
+        try:
+            port = open_port(url, rate, line=KMP_LINE, adapter=IR_HEAD)
+        except BusError as exc:
+            _fail(str(exc))
+            return 1
+        try:
+            meter = kmp.KmpMeter(port, baudrate=rate, timeout=timeout, retries=retries, log=log)
+            kind, revision = meter.get_type()
+            serial = meter.get_serial()
+        except kmp.KmpError as exc:
+            tried.append(f"{rate} baud: {exc}")
+            if "no answer" in str(exc) and not str(exc).startswith("port failed"):
+                continue
+            break
+        except Stopped as exc:
+            _fail(f"stopped by {exc.name}; {UNFINISHED}")
+            return 128 + exc.signum
+        finally:
+            _close(port)
+        lines = (f"optical eye  serial {serial:08d}  type 0x{kind:04X}  revision "
+                 f"{revision or '-'}  baudrate {rate}\n"
+                 f"KAMSTRUP_PROTOCOL=kmp\nKAMSTRUP_BAUDRATE={rate}\n")  # fmt: skip
+        try:
+            _stdout(lines)
+        except OutputError as exc:
+            _fail(str(exc))
+            return 1
+        return 0
+    _fail(f"no KMP meter answered on {url}: {'; '.join(tried)} (is the head on the eye, "
+          "its magnet holding, the meter's display awake?)")  # fmt: skip
+    return 1
 
 
 def _scan(url, baudrate, timeout, retries, log, secondary=False) -> int:
