@@ -1928,8 +1928,6 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     """
     ctx = click.get_current_context()
     found, in_file, warnings = settings(config, os.environ)
-    for text in warnings:  # first: KAMSTRUP_ONCE=1 alone says why it did nothing
-        _fail(f"warning: {text}")
     modes = [
         option
         for option, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
@@ -1938,9 +1936,13 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     ]  # fmt: skip
     if len(modes) != 1:
         what = "nothing to do" if not modes else f"{' and '.join(modes)} exclude each other"
+        actions = [text for text in warnings if " is given on the command line only" in text]
+        why = f" ({'; '.join(actions)})" if actions else ""  # KAMSTRUP_ONCE=1 alone
         raise click.UsageError(
-            f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE"
+            f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE{why}"
         )
+    for text in warnings:
+        _fail(f"warning: {text}")
     given = {"port": port, "baudrate": baudrate, "addresses": addresses, "timeout": timeout,
              "retries": retries, "output": output, "bus": bus, "labels": labels,
              "fmt": fmt, "capture_file": capture_file, "protocol": protocol}  # fmt: skip
