@@ -396,10 +396,14 @@ def test_busy_port_names_its_holder_by_its_command_line_through_a_pty(tmp_path):
     ) in result.stderr
 
 
-def request_on(master: int) -> bytes:
+def request_on(master: int, client: subprocess.Popen) -> bytes:
     """The first bytes a client writes on the pty (until one has it open, the master
-    reads as hung up: EIO)."""
-    for _ in range(600):  # a guard against a hang: 30 s
+    reads as hung up: EIO).  Patient: a loaded machine may take many seconds to start
+    a Python process; a client that has ended says why."""
+    for _ in range(2400):  # a guard against a hang: 120 s
+        if client.poll() is not None:
+            raise AssertionError(f"the client ended ({client.returncode}) before it wrote: "
+                                 f"{client.stderr.read()}")  # fmt: skip
         ready, _, _ = select.select([master], [], [], 0.05)
         try:
             data = os.read(master, 64) if ready else b""
@@ -425,7 +429,7 @@ def test_a_second_run_names_the_first_run_that_holds_the_port(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert request_on(master) == mbus.snd_nke(48)  # its request: it has the port
+        assert request_on(master, first) == mbus.snd_nke(48)  # its request: it has the port
         assert first.poll() is None
         second = subprocess.run(
             [str(script), "--once", "--port", path, "--address", "48",
