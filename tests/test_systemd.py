@@ -313,7 +313,7 @@ def test_timer_comment_shows_a_every_minute_dropin():
 # /etc/default/kamstrup
 
 VARIABLES = ["PORT", "BAUDRATE", "ADDRESS", "TIMEOUT", "RETRIES", "OUTPUT", "BUS", "LABEL",
-             "FORMAT", "CAPTURE"]  # fmt: skip
+             "FORMAT", "CAPTURE", "PROTOCOL"]  # fmt: skip
 
 
 def environment_file(text: str) -> dict[str, str]:
