@@ -647,6 +647,7 @@ class PtyLine(_Line):
         fcntl.ioctl(self.master, termios.TIOCPKT, struct.pack("i", 1))
         os.close(slave)  # a client's close is then a hang-up the master sees
         self.rate: int | None = None  # the rate the client set, as last seen
+        self.cflag: int | None = None  # the c_cflag the client set, as last seen
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -660,10 +661,11 @@ class PtyLine(_Line):
                 for name in dir(termios)
                 if name.startswith("B") and name[1:].isdigit()
             }
-        speed = termios.tcgetattr(self.master)[4]
-        if speed == getattr(termios, self.IDLE_SPEED):
+        attrs = termios.tcgetattr(self.master)
+        if attrs[4] == getattr(termios, self.IDLE_SPEED):
             return False
-        self.rate = self._speeds.get(speed)
+        self.rate = self._speeds.get(attrs[4])
+        self.cflag = attrs[2]  # what else the client set: CSTOPB for KMP's 2 stop bits
         return True
 
     def _idle_again(self) -> None:
