@@ -350,3 +350,13 @@ def test_a_fault_n_times_hits_the_first_n_requests():
     meter = sim._parse_kmp_meter("303::30303030,crc=2,echo")
     assert meter.faults == ["crc", "crc"] and meter.echo and meter.always is None
     assert meter.values[kmp.SERIAL_NUMBER] == (0x00, "30303030")
+
+
+def test_auto_says_what_each_rate_gave(tmp_path):
+    """A meter that babbles at 1200 and is silent at 2400: the one line says both, not
+    only 2400's silence (which hid that something did send at 1200)."""
+    run = once(tmp_path, "--meter", "303,garbage=always", args=("--baudrate", "auto",
+               "--timeout", "0.3"))  # fmt: skip
+    assert_failed_once(run, "1200 baud: GetRegister 60,68,1004,86,87,89,80,74: no answer "
+                       "within 0.3 s, 6 bytes of noise (after 3 tries); 2400 baud: ")  # fmt: skip
+    assert run.lines[0].endswith("no answer within 0.3 s (after 3 tries)")
