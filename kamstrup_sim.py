@@ -19,6 +19,14 @@ once collide (wired-AND, garbage out of step).  Faults per meter (``--meter
 noise before the frame, multi-telegram answers, endless "more records follow", a
 meter that ignores the FCB, an application error, a sleepy first request, and the
 adapter pulled mid-frame; and an echoing adapter (``--echo``).
+
+``--protocol kmp`` serves a MULTICAL 303 behind its optical eye instead (Kamstrup's
+KMP, kamstrup_kmp.SimulatedKmpMeter) at 1200 baud, paced at 11 bits a byte (8N2; a pty
+cannot carry stop bits, but the meter answers only requests sent at its rate), with the
+eye's faults (``--meter 303::30303030,crc=always``): silence, a bad CRC, a cut-off
+answer, a lone ACK, noise before or instead of the answer, the head's echo, a meter at
+another rate, values that need byte stuffing, the head unplugged mid-answer.
+``--requests FILE`` says what the run cost the meter's battery: the requests it heard.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+import kamstrup_kmp as kmp
 
 # Real answers (RSP_UD) of Kamstrup meters, data only (see tests/data/kamstrup).
 FRAMES = {
@@ -637,6 +647,7 @@ class PtyLine(_Line):
         fcntl.ioctl(self.master, termios.TIOCPKT, struct.pack("i", 1))
         os.close(slave)  # a client's close is then a hang-up the master sees
         self.rate: int | None = None  # the rate the client set, as last seen
+        self.cflag: int | None = None  # the c_cflag the client set, as last seen
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -650,10 +661,11 @@ class PtyLine(_Line):
                 for name in dir(termios)
                 if name.startswith("B") and name[1:].isdigit()
             }
-        speed = termios.tcgetattr(self.master)[4]
-        if speed == getattr(termios, self.IDLE_SPEED):
+        attrs = termios.tcgetattr(self.master)
+        if attrs[4] == getattr(termios, self.IDLE_SPEED):
             return False
-        self.rate = self._speeds.get(speed)
+        self.rate = self._speeds.get(attrs[4])
+        self.cflag = attrs[2]  # what else the client set: CSTOPB for KMP's 2 stop bits
         return True
 
     def _idle_again(self) -> None:
@@ -863,6 +875,111 @@ def _parse_meter(text: str) -> Meter:
     return meter
 
 
+# ---------------------------------------------------------------------------
+# The optical eye: a MULTICAL 303 talking KMP (--protocol kmp)
+# ---------------------------------------------------------------------------
+
+# Values whose mantissas hold the bytes KMP stuffs (06 0D 1B 40 80), some next to each
+# other, each a value a 303 could show: energy 396571 kWh (00 06 0D 1B), volume
+# 17859.84 m3 (00 1B 40 80), 1664 hours (00 00 06 80), t1 33.34 degC (00 00 0D 06).
+STUFFED_VALUES = {
+    kmp.ENERGY_E1: (0x02, str(0x00060D1B)),
+    kmp.VOLUME_V1: (0x28, "17859.84"),
+    kmp.HOUR_COUNTER: (0x2E, str(0x0680)),
+    kmp.T1: (0x25, "33.34"),
+}
+
+
+class KmpEyeMeter(kmp.SimulatedKmpMeter):
+    """kamstrup_kmp's simulated 303 with what a kamstrup-sim run can ask of it: a fault
+    on every request (``always``), not only on the first ones, and the head unplugged
+    ``disconnect_at`` bytes into an answer.  It stands in for a SimulatedBus on a
+    PtyLine or TcpLine (``feed``, ``buffer``); ``requests`` is what it heard."""
+
+    def __init__(self, *, always: str | None = None, disconnect_at: int | None = None,
+                 **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        if always is not None and always not in kmp.FAULTS:
+            raise ValueError(f"unknown fault {always!r}: one of {', '.join(kmp.FAULTS)}")
+        self.always = always
+        self.disconnect_at = disconnect_at
+
+    def answer(self, request: bytes) -> bytes:
+        if self.always is not None and not self.faults:
+            self.faults.append(self.always)  # used up by this request: the next gets one too
+        return super().answer(request)
+
+    def feed(self, data: bytes, rate: int | None = None) -> list:
+        out = super().feed(data, rate)
+        if self.disconnect_at is None:
+            return out
+        for i, (delay, answer, _) in enumerate(out):
+            if delay >= 0:  # the meter's answer (an echo comes back at a negative time)
+                return out[:i] + [(delay, answer[: self.disconnect_at], True)]
+        return out
+
+
+# What a KMP --meter may carry after 303[::SERIAL], as ,NAME or ,NAME=VALUE.  The eye's
+# faults hit the first request (,crc), the first N (,crc=2) or every one (,crc=always).
+_KMP_OPTIONS = {
+    "echo": bool,  # the head reflects each request (as --echo)
+    "delay": float,  # seconds from the end of a request to the answer
+    "baudrate": int,  # the only rate the meter hears (a 2400 baud one: baudrate=2400)
+    "disconnect_at": int,  # the head is unplugged this many bytes into the first answer
+    "stuffed": bool,  # STUFFED_VALUES: values that need byte stuffing
+}
+KMP_METER_SYNTAX = "303[::SERIAL][,FAULT[=N|always]][,OPTION[=V]]"
+
+
+def _parse_kmp_meter(text: str, energy_unit: str = "kWh", echo: bool = False) -> KmpEyeMeter:
+    """303[::SERIAL][,FAULT[=N|always]...][,OPTION[=VALUE]...]: the one meter the eye
+    sees; KMP has no address, so the M-Bus form's address stays empty."""
+    what, *options = text.split(",")
+    kind, _, rest = what.partition(":")
+    if kind != "303":
+        raise ValueError(f"unknown KMP meter {kind!r}: the simulated eye shows a 303")
+    address, _, serial = rest.partition(":")
+    if address:
+        raise ValueError(f"{what!r}: KMP has no address: write 303::SERIAL")
+    values = {}
+    if serial:
+        if not (serial.isascii() and serial.isdigit() and len(serial) == 8):
+            raise ValueError(f"{what!r}: {serial!r} is not an 8-digit serial number")
+        values[kmp.SERIAL_NUMBER] = (0x00, str(int(serial)))
+    faults: list = []
+    always = None
+    settings: dict = {"echo": echo}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if name in kmp.FAULTS:
+            if value == "always":
+                always = name
+            elif not sep or (value.isdigit() and int(value) > 0):
+                faults += [name] * (int(value) if sep else 1)
+            else:
+                raise ValueError(f"{option!r}: {value!r} is neither a count nor 'always'")
+            continue
+        kind_of = _KMP_OPTIONS.get(name)
+        if kind_of is None:
+            known = ", ".join([*kmp.FAULTS, *_KMP_OPTIONS])
+            raise ValueError(f"unknown KMP fault {name!r}: choose from {known}")
+        try:
+            settings[name] = True if kind_of is bool and not sep else kind_of(value)
+        except ValueError:
+            raise ValueError(f"{option!r}: {value!r} is not a {kind_of.__name__}") from None
+    if settings.pop("stuffed", False):
+        values.update(STUFFED_VALUES)
+    return KmpEyeMeter(values=values, energy_unit=energy_unit, faults=faults, always=always,
+                       **settings)  # fmt: skip
+
+
+def requests_heard(bus) -> int:
+    """What a run cost the meters' batteries: the requests they heard."""
+    if isinstance(bus, kmp.SimulatedKmpMeter):
+        return bus.requests
+    return sum(len(meter.requests) for meter in bus.meters)
+
+
 def run(command: list, env: dict) -> int:
     """Run ``command`` and return its exit status, 128 + N when a signal N ended it.
 
@@ -894,24 +1011,62 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="kamstrup-sim",
-        description="A simulated M-Bus with Kamstrup MULTICAL meters on a pty or TCP port.",
+        description="A simulated M-Bus with Kamstrup MULTICAL meters, or a MULTICAL 303 "
+        "behind its optical eye (--protocol kmp), on a pty or TCP port.",
         epilog="Faults for --meter: " + ", ".join(_FAULTS) + ". Example: "
-        "kamstrup-sim --meter 303:48,delay=0.19 --meter 403:74:77447744,silent",
+        "kamstrup-sim --meter 303:48,delay=0.19 --meter 403:74:77447744,silent.  "
+        f"With --protocol kmp, one --meter {KMP_METER_SYNTAX} (KMP has no address): "
+        f"faults {', '.join(kmp.FAULTS)} on the first request, the first N (=N) or every "
+        f"one (=always); options {', '.join(_KMP_OPTIONS)}. Example: kamstrup-sim "
+        "--protocol kmp --meter 303::30303030,crc=always --requests n.txt -- "
+        "kamstrup-textfile --once",
     )
     parser.add_argument(
         "--meter",
         action="append",
         default=[],
         metavar="KIND[:ADDR[:ID]][,FAULT[=V]]",
-        help="a meter on the bus (303, 303-heat, 403); default 303:48:30303030",
+        help="a meter on the bus (303, 303-heat, 403); default 303:48:30303030; "
+        f"with --protocol kmp: {KMP_METER_SYNTAX}, default 303::30303030",
     )
-    parser.add_argument("--baudrate", type=int, default=2400)
+    parser.add_argument(
+        "--protocol",
+        choices=("mbus", "kmp"),
+        default="mbus",
+        help="mbus: meters on a wired M-Bus (2400 baud); kmp: one meter's optical eye "
+        "(1200 baud, 8N2); the command gets KAMSTRUP_PROTOCOL=kmp",
+    )
+    parser.add_argument(
+        "--baudrate", type=int, default=None, help="the line's rate [2400; kmp: 1200]"
+    )
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve on TCP instead of a pty")
     parser.add_argument("--echo", action="store_true", help="echo the master's bytes")
+    parser.add_argument(
+        "--energy-unit",
+        choices=tuple(kmp.ENERGY_UNITS),
+        default="kWh",
+        help="the unit the KMP meter shows its energy in",
+    )
+    parser.add_argument(
+        "--requests",
+        metavar="FILE",
+        help="write the number of requests the meters heard (their battery's cost) to "
+        "FILE when the simulator ends",
+    )
     parser.add_argument("command", nargs="*", help="run this with KAMSTRUP_PORT set")
     args = parser.parse_args(argv)
+    kmp_eye = args.protocol == "kmp"
+    if args.baudrate is None:
+        args.baudrate = kmp.BAUDRATE if kmp_eye else 2400
     try:
-        meters = [_parse_meter(text) for text in args.meter] or [Meter()]
+        if kmp_eye:
+            if len(args.meter) > 1:
+                raise ValueError("the optical eye sees one meter: give one --meter")
+            text = args.meter[0] if args.meter else "303"
+            bus = _parse_kmp_meter(text, args.energy_unit, args.echo)
+        else:
+            meters = [_parse_meter(text) for text in args.meter] or [Meter()]
+            bus = SimulatedBus(meters, echo=args.echo)
     except ValueError as exc:
         parser.error(str(exc))
     if not 300 <= args.baudrate <= 38400:
@@ -920,10 +1075,11 @@ def main(argv=None) -> int:
         host, _, port = args.tcp.rpartition(":")
         if not (port.isdigit() and 0 <= int(port) <= 65535):
             parser.error(f"--tcp {args.tcp}: port {port} is not from 0 to 65535")
-    bus = SimulatedBus(meters, echo=args.echo)
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
-        line = TcpLine(bus, host or "127.0.0.1", int(port), args.baudrate)
+        # a gateway passes bytes at whatever rate its serial side runs: the meter's
+        rate = getattr(bus, "baudrate", None) if kmp_eye else None
+        line = TcpLine(bus, host or "127.0.0.1", int(port), rate or args.baudrate)
         where = line.url
     else:
         line = PtyLine(bus, args.baudrate)
@@ -931,14 +1087,27 @@ def main(argv=None) -> int:
     try:
         if args.command:
             env = dict(os.environ, KAMSTRUP_PORT=where, KAMSTRUP_BAUDRATE=str(args.baudrate))
+            if kmp_eye:
+                env["KAMSTRUP_PROTOCOL"] = "kmp"
             return run(args.command, env)
-        print(f"simulated M-Bus on {where} (Ctrl-C to stop)", flush=True)
+        what = "KMP meter (optical eye)" if kmp_eye else "M-Bus"
+        print(f"simulated {what} on {where} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         return 0
     finally:
         line.close()
+        if args.requests:
+            _write_requests(args.requests, requests_heard(bus))
+
+
+def _write_requests(path: str, count: int) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"{count}\n")
+    except OSError as exc:
+        print(f"kamstrup-sim: cannot write {path}: {exc.strerror}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1683,6 +1683,7 @@ def read_kmp(url: str, *, baudrate, timeout, retries, log, on_answer=None) -> li
     except BusError as exc:
         return [Reading(KMP_ADDRESS, error=str(exc), port=True)]
     error = ""
+    tried: list = []  # with "auto", what each rate gave, all in the one line
     try:
         for rate in rates:
             try:
@@ -1694,7 +1695,8 @@ def read_kmp(url: str, *, baudrate, timeout, retries, log, on_answer=None) -> li
                 reading = kmp.read_meter(port, baudrate=rate, timeout=timeout, retries=retries,
                                          log=log, on_answer=answer)  # fmt: skip
             except kmp.KmpError as exc:
-                error = f"{exc} at {rate} baud" if len(rates) > 1 else str(exc)
+                tried.append(f"{rate} baud: {exc}")
+                error = "; ".join(tried) if len(rates) > 1 else str(exc)
                 if str(exc).startswith("port failed") or "no answer" not in str(exc):
                     break  # the head is gone, or a meter answered: another rate will not help
                 continue

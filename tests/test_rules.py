@@ -527,3 +527,69 @@ def test_real_node_exporter_dropping_our_file_alerts_for_that_host_within_the_ho
         ],
     )
     assert not failed, failed
+
+
+# --- a meter read through its optical eye (KMP, issue 17) ----------------------------------
+
+
+def kmp_read(output: Path, meter: str = "303::30303030"):
+    """[(name, {labels}, value)] of the file one --once run writes at *output*, the meter
+    read through kamstrup-sim's optical eye (--protocol kmp)."""
+    import sys
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "kamstrup_sim.py"), "--protocol", "kmp", "--meter", meter,
+           "--", sys.executable, str(ROOT / "kamstrup_textfile.py"), "--once", "--timeout",
+           "0.3", "--output", str(output)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return [(n, labels_of(lb), v) for n, lb, v in parse_exposition(output.read_text())]
+
+
+@pytest.mark.slow
+def test_kmp_output_passes_promtool_check_metrics(tmp_path):
+    out = tmp_path / "kamstrup.prom"
+    kmp_read(out)
+    proc = subprocess.run([require_tool("promtool"), "check", "metrics"],
+                          input=out.read_text(), capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'address="kmp"' in out.read_text()
+
+
+@pytest.mark.slow
+def test_kmp_meter_that_stays_down_fires_meter_not_read_with_its_serial_number(tmp_path):
+    out = tmp_path / "kamstrup.prom"
+    first = kmp_read(out)
+    then = kmp_read(out, "303::30303030,silent=always")
+    assert up(first) == [{"address": "kmp", "bus": "kamstrup", "meter": "30303030"}]
+    (failing,) = up(then)
+    assert failing == {"address": "kmp", "bus": "kamstrup", "meter": "30303030"}
+    assert [v for n, _, v in then if n == "kamstrup_up"] == [0]
+    failed = run_case(
+        tmp_path,
+        [(first, 15), (then, 60)],
+        [
+            fires("KamstrupMeterNotRead", 40),
+            fires("KamstrupMeterNotRead", 60, not_read(failing)),
+            fires("KamstrupMetricsGone", 60),
+        ],
+    )
+    assert not failed, failed
+
+
+@pytest.mark.slow
+def test_kmp_meter_moved_from_the_eye_to_its_m_bus_module_is_not_a_meter_gone(tmp_path):
+    """The same meter read through its eye (address kmp), then through the M-Bus module
+    fitted later (address 48), and back: every graph goes on, no alert."""
+    out = tmp_path / "kamstrup.prom"
+    eye = kmp_read(out)
+    wired = real_read(out, "48", meters=("303:48:30303030",))
+    again = kmp_read(out)
+    assert [lb.get("meter") for lb in up(eye)] == ["30303030"], up(eye)
+    assert [lb.get("address") for lb in up(wired)] == ["48"], up(wired)
+    assert [lb.get("meter") for lb in up(wired)] == ["30303030"], up(wired)
+    checks = [fires(alert, minutes) for minutes in (60, 110, 170) for alert in
+              ("KamstrupMetricsGone", "KamstrupMeterNotRead")]  # fmt: skip
+    failed = run_case(tmp_path, [(eye, 30), (wired, 90), (again, 60)], checks)
+    assert not failed, failed
