@@ -1910,10 +1910,18 @@ Examples:
     help="Find every meter by identification number (EN 13757-3 wildcard search): also "
     "meters that share a primary address.",
 )
+@click.option(
+    "--setup",
+    is_flag=True,
+    help="The first hour (as root): find the adapter and every meter on it, show their "
+    "readings, write the udev rule and the settings file, start the service once.",
+)
+@click.option("--yes", is_flag=True, help="With --setup: the default answer to every question.")
 @click.option("-v", "--verbose", is_flag=True, help="Every frame sent and received, on stderr.")
 @click.version_option(__version__)
 def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, capture_file,
-        protocol, config, once, decode_file, scan, scan_secondary, verbose):  # fmt: skip
+        protocol, config, once, decode_file, scan, scan_secondary, setup, yes,
+        verbose):  # fmt: skip
     """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
 
     Give one of --once (read the meters, write the file: what the timer runs),
@@ -1933,7 +1941,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     modes = [
         option
         for option, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
-                           ("--scan-secondary", scan_secondary))
+                           ("--scan-secondary", scan_secondary), ("--setup", setup))
         if on
     ]  # fmt: skip
     if len(modes) != 1:
@@ -1941,7 +1949,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         actions = [text for text in warnings if " is given on the command line only" in text]
         why = f" ({'; '.join(actions)})" if actions else ""  # KAMSTRUP_ONCE=1 alone
         raise click.UsageError(
-            f"{what}: give one of --once, --scan, --scan-secondary or --decode FILE{why}"
+            f"{what}: give one of --once, --scan, --scan-secondary, --setup or --decode FILE{why}"
         )
     for text in warnings:
         _fail(f"warning: {text}")
@@ -2038,6 +2046,13 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
             _fail(f"{getattr(decode_file, 'name', '-')}: not hex text")
             sys.exit(1)
         _report(readings)
+    elif setup:
+        import kamstrup_setup
+
+        sys.exit(kamstrup_setup.setup(port=given.get("port"), baudrate=given.get("baudrate"),
+                                      protocol=given.get("protocol"), timeout=timeout,
+                                      retries=retries, config=config, output=conf["output"],
+                                      yes=yes, log=log))  # fmt: skip
     elif scan and protocol == "kmp":
         sys.exit(_scan_kmp(port, baudrate, timeout or kmp.ANSWER_TIMEOUT, retries, log))
     elif scan or scan_secondary:
