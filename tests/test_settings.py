@@ -267,7 +267,8 @@ def test_version_in_the_environment_is_no_action(tmp_path, value):
     assert out.exists(), "the run did its job"
     if value:
         assert b"KAMSTRUP_VERSION in the environment is ignored: --version" in done.stderr
-    done = run(environ=env(KAMSTRUP_VERSION=value, KAMSTRUP_ONCE="1"))
+    done = run(environ=env(KAMSTRUP_VERSION=value, KAMSTRUP_ONCE="1",  # never the live file
+                           KAMSTRUP_OUTPUT=str(out), KAMSTRUP_PORT=str(tmp_path / "none")))
     assert done.returncode == 2 and b"nothing to do" in done.stderr
     assert b"KAMSTRUP_ONCE in the environment is ignored: --once is given on" in done.stderr
 
@@ -307,15 +308,17 @@ def test_every_setting_is_in_help_and_in_kamstrup_default():
 
 
 def test_a_bad_value_names_the_variable_and_where_it_came_from(tmp_path):
-    done = run("--once", environ=env(KAMSTRUP_BAUDRATE="9500"))
+    own = ["--port", str(tmp_path / "none"), "--output", str(tmp_path / "k.prom")]
+    done = run("--once", *own, environ=env(KAMSTRUP_BAUDRATE="9500"))
     assert done.returncode == 2
     assert done.stderr.count(b"\n") == 1
     assert b"KAMSTRUP_BAUDRATE in the environment: '9500' is not an M-Bus baud rate" in done.stderr
     config = tmp_path / "kamstrup"
     config.write_text("KAMSTRUP_RETRIES=many\n")
-    done = run("--once", "--config", str(config))
+    done = run("--once", "--config", str(config), *own)
     assert done.returncode == 2
     assert f"KAMSTRUP_RETRIES in {config}:".encode() in done.stderr
+    assert not (tmp_path / "k.prom").exists()
     assert b"--retries" not in done.stderr
 
 
@@ -336,8 +339,10 @@ def test_json_is_never_written_to_a_prom_path(tmp_path):
     assert done.returncode == 2 and not out.exists()
     done = decode_run("--output", "-", KAMSTRUP_FORMAT="json")
     assert done.returncode == 0 and done.stdout.startswith(b'{"meters"')
-    done = run("--once", "--port", str(tmp_path / "none"), environ=env(KAMSTRUP_FORMAT="json"))
-    assert done.returncode == 2, "the default output is a .prom file"
+    config = tmp_path / "kamstrup"  # the configured output (never this machine's live file)
+    config.write_text(f"KAMSTRUP_OUTPUT={out}\nKAMSTRUP_PORT={tmp_path / 'none'}\n")
+    done = run("--once", "--config", str(config), environ=env(KAMSTRUP_FORMAT="json"))
+    assert done.returncode == 2 and not out.exists(), "the configured output is a .prom file"
 
 
 def test_values_are_stripped(tmp_path):
