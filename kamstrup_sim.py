@@ -1087,6 +1087,9 @@ def main(argv=None) -> int:
     try:
         if args.command:
             env = dict(os.environ, KAMSTRUP_PORT=where, KAMSTRUP_BAUDRATE=str(args.baudrate))
+            # the simulated bus is not the one /etc/default/kamstrup names: its settings
+            # (addresses, output) are not this run's, unless KAMSTRUP_CONFIG says otherwise
+            env.setdefault("KAMSTRUP_CONFIG", "")
             if kmp_eye:
                 env["KAMSTRUP_PROTOCOL"] = "kmp"
             return run(args.command, env)

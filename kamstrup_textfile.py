@@ -1200,6 +1200,7 @@ ACTIONS = {  # names a person may try; actions come from the command line only
     "KAMSTRUP_ONCE": "--once", "KAMSTRUP_SCAN": "--scan",
     "KAMSTRUP_SCAN_SECONDARY": "--scan-secondary", "KAMSTRUP_DECODE": "--decode",
     "KAMSTRUP_VERSION": "--version", "KAMSTRUP_HELP": "--help", "KAMSTRUP_VERBOSE": "-v",
+    "KAMSTRUP_SETUP": "--setup", "KAMSTRUP_YES": "--yes",
 }  # fmt: skip
 
 
@@ -1951,6 +1952,8 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         raise click.UsageError(
             f"{what}: give one of --once, --scan, --scan-secondary, --setup or --decode FILE{why}"
         )
+    if yes and not setup:
+        raise click.UsageError("--yes answers --setup's questions: use it with --setup")
     for text in warnings:
         _fail(f"warning: {text}")
     given = {"port": port, "baudrate": baudrate, "addresses": addresses, "timeout": timeout,

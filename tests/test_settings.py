@@ -267,8 +267,14 @@ def test_version_in_the_environment_is_no_action(tmp_path, value):
     assert out.exists(), "the run did its job"
     if value:
         assert b"KAMSTRUP_VERSION in the environment is ignored: --version" in done.stderr
-    done = run(environ=env(KAMSTRUP_VERSION=value, KAMSTRUP_ONCE="1",  # never the live file
-                           KAMSTRUP_OUTPUT=str(out), KAMSTRUP_PORT=str(tmp_path / "none")))
+    done = run(
+        environ=env(
+            KAMSTRUP_VERSION=value,
+            KAMSTRUP_ONCE="1",  # never the live file
+            KAMSTRUP_OUTPUT=str(out),
+            KAMSTRUP_PORT=str(tmp_path / "none"),
+        )
+    )
     assert done.returncode == 2 and b"nothing to do" in done.stderr
     assert b"KAMSTRUP_ONCE in the environment is ignored: --once is given on" in done.stderr
 
@@ -278,13 +284,14 @@ def test_version_in_the_environment_is_no_action(tmp_path, value):
     [("KAMSTRUP_ADRESS", "KAMSTRUP_ADDRESS"), ("KAMSTRUP_ADDRESSES", "KAMSTRUP_ADDRESS"),
      ("KAMSTRUP_LABELS", "KAMSTRUP_LABEL"), ("KAMSTRUP_FMT", "KAMSTRUP_FORMAT"),
      ("KAMSTRUP_CAPTURE_FILE", "KAMSTRUP_CAPTURE"), ("KAMSTRUP_DECODE_FILE", None),
-     ("KAMSTRUP_SCAN_SECONDARY", None), ("KAMSTRUP_XYZZY", None)],
+     ("KAMSTRUP_SCAN_SECONDARY", None), ("KAMSTRUP_XYZZY", None), ("KAMSTRUP_SETUP", None),
+     ("KAMSTRUP_YES", None)],
 )  # fmt: skip
 def test_an_unknown_name_is_one_warning_and_is_not_read(name, near):
     values = {"KAMSTRUP_ADRESS": "74", "KAMSTRUP_ADDRESSES": "74", "KAMSTRUP_LABELS": "a=b",
               "KAMSTRUP_FMT": "json", "KAMSTRUP_CAPTURE_FILE": "/tmp/x.hex",
               "KAMSTRUP_DECODE_FILE": "/etc/hostname", "KAMSTRUP_SCAN_SECONDARY": "1",
-              "KAMSTRUP_XYZZY": "1"}  # fmt: skip
+              "KAMSTRUP_XYZZY": "1", "KAMSTRUP_SETUP": "1", "KAMSTRUP_YES": "1"}  # fmt: skip
     done = decode_run("--output", "-", **{name: values[name]})
     assert done.returncode == 0, done.stderr
     lines = done.stderr.decode().splitlines()
@@ -489,3 +496,29 @@ def test_what_systemd_252_passed_is_what_read_settings_reads(tmp_path):
     for text, expected in SETTINGS_FILE_ENDS.items():
         path.write_bytes(text.encode("utf-8"))
         assert kt.read_settings(str(path)) == expected, text
+
+
+def test_yes_goes_with_setup():
+    done = decode_run("--yes")
+    assert done.returncode == 2 and done.stderr.count(b"\n") == 1
+    assert b"--yes answers --setup's questions" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_simulator_is_not_the_configured_bus(tmp_path):
+    """kamstrup-sim -- kamstrup-textfile --once (the README's first command) on a machine
+    whose /etc/default/kamstrup names other meters reads the simulated bus, not those:
+    in a private mount namespace, so this machine's /etc is never touched."""
+    unshare = require_tool("unshare")
+    out = tmp_path / "kamstrup.prom"
+    settings = "KAMSTRUP_ADDRESS='133 74'\\nKAMSTRUP_BAUDRATE=9600\\n"
+    script = ("mount -t tmpfs tmpfs /etc/default && "
+              f'printf "{settings}" > /etc/default/kamstrup && exec "$@"')  # fmt: skip
+    environ = {k: v for k, v in env().items() if k != "KAMSTRUP_CONFIG"}
+    done = subprocess.run([unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh",
+                           *SIM, "--", sys.executable, TOOL, "--once", "--output", str(out)],
+                          capture_output=True, env=environ, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert up_lines(out.read_text()) == [
+        'kamstrup_up{address="254",bus="kamstrup",meter="30303030"} 1'
+    ]
