@@ -327,10 +327,10 @@ def not_read(labels: dict) -> tuple[dict, dict]:
     """KamstrupMeterNotRead for the kamstrup_up series *labels* on HOST."""
     address = labels["address"]
     return {**labels, **HOST}, {
-        "summary": f"Kamstrup meter at M-Bus address {address} on {HOST['instance']} is not read",
-        "description": f"kamstrup_textfile got no valid answer from M-Bus address {address} for"
-        " 30 minutes. Check the bus wiring, the address (KAMSTRUP_ADDRESS) and `journalctl"
-        " -u kamstrup.service`.",
+        "summary": f"Kamstrup meter at address {address} on {HOST['instance']} is not read",
+        "description": f"kamstrup_textfile got no valid answer from address {address} (kmp: the"
+        " meter on the optical eye) for 30 minutes. Check the M-Bus wiring or the infrared head"
+        " on the eye, KAMSTRUP_ADDRESS and `journalctl -u kamstrup.service`.",
     }
 
 
