@@ -1208,7 +1208,7 @@ class SettingsError(ValueError):
     """A settings file that systemd would refuse whole."""
 
 
-def read_settings(path: str) -> dict:
+def read_settings(path: str, warnings: list | None = None) -> dict:
     """NAME -> value of a settings file, as systemd's EnvironmentFile= passes them.
 
     Its parser, not a shell's: quotes count only where a value starts (after ``=`` or a
@@ -1217,7 +1217,9 @@ def read_settings(path: str) -> dict:
     lines starting with # or ; are comments, a key that is not a variable name (``export
     X``) is ignored.  The last of a name wins.  Raises OSError if the file cannot be
     read, and SettingsError where systemd refuses the whole file (the service then does
-    not start): a NUL byte, a name or value that is not UTF-8."""
+    not start): a NUL byte, a name or value that is not UTF-8.  A comment that ends in a
+    backslash ends at its line's end, as systemd 257 (Debian 13) reads it; 252 (Debian
+    12) read the next line as part of it: its line number goes into ``warnings``."""
     with open(path, "rb") as f:
         data = f.read(1 << 20)
     if b"\0" in data:
@@ -1228,6 +1230,7 @@ def read_settings(path: str) -> dict:
     key: list = []
     value: list = []
     state = "pre_key"
+    line_number, previous = 1, ""
     key_blank = value_blank = None  # where trailing blanks of the key / value begin
     newline, blank = "\n\r", " \t\n\r"
 
@@ -1305,13 +1308,14 @@ def read_settings(path: str) -> dict:
                 value.append(c)
             elif c != "\n":
                 value += ["\\", c]
-        elif state == "comment":
-            if c == "\\":
-                state = "comment_escape"
-            elif c in newline:
+        elif state == "comment":  # systemd 257 ends it at the line's end, whatever
+            if c in newline:  # comes before (252 joined the next line after a backslash)
+                if previous == "\\" and warnings is not None:
+                    warnings.append(line_number)
                 state = "pre_key"
-        else:  # comment_escape
-            state = "comment"
+        if c == "\n":
+            line_number += 1
+        previous = c
     if state == "value" and value_blank is not None:  # the end of the file ends a line
         del value[value_blank:]
     if state in ("pre_value", "value", "value_escape", "single", "double", "double_escape"):
@@ -1364,7 +1368,12 @@ def settings(config: str | None, environ) -> tuple:
     sources = []
     if path:
         try:
-            sources.append((read_settings(path), f"in {_utf8(path)}"))
+            joined: list = []
+            sources.append((read_settings(path, joined), f"in {_utf8(path)}"))
+            for line in joined:
+                warnings.append(f"line {line} of {_utf8(path)} is a comment ending in a "
+                                "backslash: systemd 252 (Debian 12) reads the next line as "
+                                "part of it, 257 does not; end it without one")  # fmt: skip
         except FileNotFoundError:
             if explicit:
                 raise click.UsageError(f"settings file {_utf8(path)} does not exist") from None

@@ -492,7 +492,14 @@ def test_what_systemd_252_passed_is_what_read_settings_reads(tmp_path):
 
     path = tmp_path / "kamstrup"
     path.write_bytes("".join(SETTINGS_LINES).encode("utf-8"))
-    assert kt.read_settings(str(path)) == SYSTEMD_252_SETTINGS
+    joined: list = []
+    found = kt.read_settings(str(path), joined)
+    # the one place 252 and 257 differ: a comment ending in a backslash (257 ends it at
+    # its line's end, and the next line is a setting; 252 joined them): we read as 257,
+    # and say so
+    assert found.pop("KT_AFTER_COMMENT_BACKSLASH") == "1"
+    assert found == SYSTEMD_252_SETTINGS
+    assert len(joined) == 1
     for text, expected in SETTINGS_FILE_ENDS.items():
         path.write_bytes(text.encode("utf-8"))
         assert kt.read_settings(str(path)) == expected, text
@@ -522,3 +529,13 @@ def test_the_simulator_is_not_the_configured_bus(tmp_path):
     assert up_lines(out.read_text()) == [
         'kamstrup_up{address="254",bus="kamstrup",meter="30303030"} 1'
     ]
+
+
+def test_a_comment_ending_in_a_backslash_is_read_as_systemd_257_reads_it(tmp_path):
+    config = tmp_path / "kamstrup"
+    config.write_text("# the bus in the cellar \\\nKAMSTRUP_ADDRESS=48\n")
+    assert kt.read_settings(str(config)) == {"KAMSTRUP_ADDRESS": "48"}
+    done = decode_run("--config", str(config), "--output", "-")
+    assert done.returncode == 0
+    assert done.stderr.count(b"\n") == 1
+    assert b"line 1 of" in done.stderr and b"systemd 252 (Debian 12)" in done.stderr
