@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmarks of kamstrup_textfile, side by side in one run; a Markdown table on stdout.
 
-    python3 bench/run.py [--runs 5] [--quick]
+    python3 bench/run.py [--runs 5] [--quick] [--table 6 ...]
 
 1. One read of the simulated MULTICAL 303 (142-byte answer) over a pseudo-terminal
    paced at 2400 baud 8E1 (11 bits a byte), answering after 50 ms: whole-process wall
@@ -17,9 +17,15 @@
    against EN 13757-2's floor (251 x (SND_NKE on the wire + 330 bit times + 50 ms) +
    the found meter's read), and `--scan-secondary` of three meters on one primary
    address, two of them with ids one digit apart: wall time and selections.
+6. One read through the optical eye (KMP) over a pty at 1200 baud, 11 bits a byte,
+   answering after 50 ms: `kamstrup_textfile.py --once --protocol kmp` (its whole process,
+   and the read alone: the .prom's kamstrup_read_duration_seconds) against the wire
+   floor of the actual request and answer bytes (kamstrup_kmp's builders, stuffing
+   included) and PyKMP 0.0.2 (bench/pykmp_read.py) asking for the same registers, with
+   the requests each cost the meter (kamstrup_sim's count, as --requests writes it).
 
-pyMeterBus is installed from PyPI into bench/.venv-pymeterbus, never into the
-tool's own environment.
+pyMeterBus is installed from PyPI into bench/.venv-pymeterbus and PyKMP into
+bench/.venv-pykmp (it needs Python >= 3.10), never into the tool's own environment.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 TOP = HERE.parent
 sys.path.insert(0, str(TOP))
 
+import kamstrup_kmp as kmp  # noqa: E402
 import kamstrup_mbus as mbus  # noqa: E402
 import kamstrup_sim as sim  # noqa: E402
 import kamstrup_textfile as kt  # noqa: E402
@@ -46,6 +53,7 @@ import kamstrup_textfile as kt  # noqa: E402
 BAUD = 2400
 DELAY = 0.05
 VENV = HERE / ".venv-pymeterbus"
+VENV_PYKMP = HERE / ".venv-pykmp"
 CORPUS = TOP / "tests" / "data" / "libmbus" / "test-frames"
 
 
@@ -62,6 +70,22 @@ def pymeterbus_python() -> str | None:
             print(
                 f"pyMeterBus could not be installed: {done.stderr.strip()[-300:]}", file=sys.stderr
             )
+            return None
+    return str(python)
+
+
+def pykmp_python() -> str | None:
+    python = VENV_PYKMP / "bin" / "python"
+    if not python.exists():
+        base = sys.executable if sys.version_info >= (3, 10) else "/usr/bin/python3"
+        subprocess.run([base, "-m", "venv", str(VENV_PYKMP)], check=True)
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "pykmp[serial]==0.0.2"],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            print(f"PyKMP could not be installed: {done.stderr.strip()[-300:]}", file=sys.stderr)
             return None
     return str(python)
 
@@ -297,6 +321,86 @@ def _scan_wall(meters, rate, mode) -> tuple:
     return wall, done.stderr
 
 
+KMP_METER = "303::30303030"  # kamstrup-sim --protocol kmp's default meter, no echo
+
+
+def kmp_exchanges(meter) -> list:
+    """(request, answer) bytes of one read of ``meter``, built with kamstrup_kmp's own
+    request and answer builders (stuffing included) and checked against the meter's."""
+    pairs = []
+    for ids in kmp.read_plan():
+        request = kmp.get_register_request(ids)
+        data = kmp.register_data(meter.registers(ids), meter.length)
+        answer = kmp.answer_frame(kmp.CID_GET_REGISTER, data)
+        assert answer == meter.answer(request), "the simulated meter answers otherwise"
+        pairs.append((request, answer))
+    return pairs
+
+
+def _timed(cmd, env) -> tuple:
+    """(wall seconds, stdout) of one process; its failure ends the benchmark."""
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{cmd[1]}: exit status {done.returncode}: {done.stderr[-500:]}")
+    return wall, done.stdout
+
+
+def kmp_read(runs: int, pykmp: str | None) -> list:
+    """(what, wall s, read s, requests) rows; wall and read are None for the floors."""
+    meter = sim._parse_kmp_meter(KMP_METER)
+    pairs = kmp_exchanges(sim._parse_kmp_meter(KMP_METER))
+    asked = sum(len(q) for q, _ in pairs)
+    answered = sum(len(a) for _, a in pairs)
+    delays = len(pairs) * meter.delay
+    sizes = " + ".join(f"{len(q)}/{len(a)}" for q, a in pairs)
+    wire = kmp.wire_seconds(asked + answered) + delays
+    pty = kmp.wire_seconds(answered) + delays
+    rows = [
+        (f"wire floor: requests/answers {sizes} bytes at 1200 baud 11 bits, "
+         f"{len(pairs)} x {meter.delay * 1000:.0f} ms", None, wire, len(pairs)),
+        (f"pty floor: the pty passes the requests at once, answers {answered} bytes + "
+         f"{len(pairs)} x {meter.delay * 1000:.0f} ms", None, pty, len(pairs)),
+    ]  # fmt: skip
+    env = dict(ENV, KAMSTRUP_CONFIG="")  # no settings file's meters or output
+    out = tempfile.mkdtemp()
+    batches = [",".join(map(str, ids)) for ids in kmp.read_plan()]
+    cases = [(
+        "kamstrup_textfile.py --once --protocol kmp",
+        lambda p: [sys.executable, str(TOP / "kamstrup_textfile.py"), "--once", "--protocol",
+                   "kmp", "--baudrate", "1200", "--port", p, "--output", f"{out}/k.prom"],
+        lambda stdout: _read_duration(Path(out) / "k.prom"),
+    )]  # fmt: skip
+    if pykmp:
+        cases.append((
+            "PyKMP 0.0.2, GetRegister of the same 8 + 2 registers",
+            lambda p: [pykmp, str(HERE / "pykmp_read.py"), p, *batches],
+            lambda stdout: float(stdout.split()[0]),
+        ))  # fmt: skip
+    for name, cmd, read_of in cases:
+        walls, reads, requests = [], [], set()
+        for _ in range(runs):
+            meter = sim._parse_kmp_meter(KMP_METER)
+            line = sim.PtyLine(meter, kmp.BAUDRATE)
+            try:
+                wall, stdout = _timed(cmd(line.path), env)
+            finally:
+                line.close()
+            walls.append(wall)
+            reads.append(read_of(stdout))
+            requests.add(sim.requests_heard(meter))  # what --requests FILE writes
+        rows.append((name, median(walls), median(reads), "/".join(map(str, sorted(requests)))))
+    return rows
+
+
+def _read_duration(prom: Path) -> float:
+    for line in prom.read_text().splitlines():
+        if line.startswith("kamstrup_read_duration_seconds{"):
+            return float(line.split()[-1])
+    raise SystemExit(f"{prom}: no kamstrup_read_duration_seconds")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -305,26 +409,49 @@ def main() -> None:
     parser.add_argument(
         "--without-pymeterbus", action="store_true", help="skip the pyMeterBus columns"
     )
+    parser.add_argument("--without-pykmp", action="store_true", help="skip PyKMP's row")
+    parser.add_argument("--table", type=int, action="append", choices=range(1, 7),
+                        help="run only this table (repeat for more); default all")  # fmt: skip
     args = parser.parse_args()
     runs = 1 if args.quick else args.runs
-    if not os.access(GNU_TIME, os.X_OK):
+    tables = set(args.table or range(1, 7))
+    if not os.access(GNU_TIME, os.X_OK) and tables & {1, 2}:
         raise SystemExit(f"{GNU_TIME} is missing: apt-get install time")
-    pmb = None if args.without_pymeterbus else pymeterbus_python()
+    pmb = None if args.without_pymeterbus or not tables & {1, 3} else pymeterbus_python()
+    pykmp = None if args.without_pykmp or 6 not in tables else pykmp_python()
     subprocess.run([sys.executable, "-c", "import kamstrup_textfile"], cwd=TOP, env=ENV, check=True)
 
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
           f"{platform.python_version()}, {platform.platform()}\n")  # fmt: skip
+    if tables & {1, 2}:
+        rows = one_read(runs, pmb)
+    if 1 in tables:
+        table_1(rows, runs)
+    if 2 in tables:
+        table_2(rows, runs)
+    if 3 in tables:
+        table_3(args.seconds, pmb)
+    if 4 in tables:
+        table_4(args.quick)
+    if 5 in tables:
+        table_5(args.quick)
+    if 6 in tables:
+        table_6(runs, pykmp)
+
+
+def table_1(rows, runs: int) -> None:
     print(f"## 1. One read over a pty at 2400 baud, median of {runs}\n")
     print(
         "| what | wall s | vs minimal | CPU s | peak RSS MiB |\n| --- | ---: | ---: | ---: | ---: |"
     )
-    rows = one_read(runs, pmb)
     minimal = next(r[1] for r in rows if r[0].startswith("minimal"))
     for name, wall, cpu, rss in rows:
         cpu_text = "" if cpu is None else f"{cpu:.3f}"
         rss_text = "" if rss is None else f"{rss:.1f}"
         print(f"| {name} | {wall:.3f} | {wall / minimal:.2f}x | {cpu_text} | {rss_text} |")
 
+
+def table_2(rows, runs: int) -> None:
     print(f"\n## 2. CPU and memory of one run, median of {runs}\n")
     base_cpu, base_rss = import_baseline(max(runs, 5))
     ours = next(r for r in rows if r[0].startswith("kamstrup-textfile"))
@@ -333,13 +460,15 @@ def main() -> None:
     print(f"| kamstrup-textfile --once | {ours[2]:.3f} ({ours[2] / base_cpu:.2f}x) | "
           f"{ours[3]:.1f} ({ours[3] / base_rss:.2f}x) |")  # fmt: skip
 
-    print(f"\n## 3. Decoding throughput (decode + JSON), {args.seconds:g} s each\n")
+
+def table_3(seconds: float, pmb: str | None) -> None:
+    print(f"\n## 3. Decoding throughput (decode + JSON), {seconds:g} s each\n")
     print(
         "| frames | n | ours, all frames/s | pyMeterBus frames/s | ours on the same frames/s "
         "| ratio | pyMeterBus decodes |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, n, ours_rate, theirs, same, usable in throughput(args.seconds, pmb):
+    for name, n, ours_rate, theirs, same, usable in throughput(seconds, pmb):
         ratio = f"{same / theirs:.1f}x" if theirs and same else "n/a"
         theirs_text = f"{theirs:,.0f}" if theirs else "n/a"
         same_text = f"{same:,.0f}" if same else "n/a"
@@ -348,7 +477,9 @@ def main() -> None:
             f"| {usable or 'n/a'} |"
         )
 
-    counts = (1, 3) if args.quick else (1, 10, 50)
+
+def table_4(quick: bool) -> None:
+    counts = (1, 3) if quick else (1, 10, 50)
     print("\n## 4. Many meters on one bus, the last one silent (timeout 1 s, 2 retries)\n")
     print("| meters | wall s | wire time of the others s | silent meter's deadlines s | "
           "floor s | wall - floor s |\n| ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
@@ -357,13 +488,31 @@ def main() -> None:
             f"| {n} | {wall:.2f} | {wire:.2f} | {silent:.2f} | {floor:.2f} | {wall - floor:.2f} |"
         )
 
+
+def table_5(quick: bool) -> None:
     print("\n## 5. Finding meters through the pty, one run each\n")
     print("| what | baud | wall s | floor s | wall / floor | selections |\n"
           "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
-    for what, rate, wall, floor, selections in scans((9600,) if args.quick else (2400, 9600),
-                                                    secondary_only=args.quick):  # fmt: skip
+    for what, rate, wall, floor, selections in scans((9600,) if quick else (2400, 9600),
+                                                    secondary_only=quick):  # fmt: skip
         print(f"| {what} | {rate} | {wall:.1f} | {floor:.1f} | {wall / floor:.2f}x | "
               f"{selections if selections is not None else ''} |")  # fmt: skip
+
+
+def table_6(runs: int, pykmp: str | None) -> None:
+    print(f"\n## 6. One read through the optical eye (KMP) over a pty at 1200 baud, "
+          f"median of {runs}\n")  # fmt: skip
+    rows = kmp_read(runs, pykmp)
+    wire, pty = rows[0][2], rows[1][2]
+    print("| what | wall s | read s | read / wire floor | read / pty floor | requests |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    for name, wall, read, requests in rows:
+        wall_text = "" if wall is None else f"{wall:.3f}"
+        print(f"| {name} | {wall_text} | {read:.3f} | {read / wire:.2f}x | {read / pty:.2f}x "
+              f"| {requests} |")  # fmt: skip
+    print("\nread s: from opening the port to the last answer (kamstrup_textfile: the .prom's "
+          "kamstrup_read_duration_seconds; PyKMP: timed in bench/pykmp_read.py), without "
+          "Python's start-up, which wall s includes.")  # fmt: skip
 
 
 if __name__ == "__main__":
