@@ -910,7 +910,11 @@ class KmpEyeMeter(kmp.SimulatedKmpMeter):
         return super().answer(request)
 
     def feed(self, data: bytes, rate: int | None = None) -> list:
-        out = super().feed(data, rate)
+        # A pty hands the request over at once; on the wire its last byte reaches the
+        # meter only after its bits: the answer delay counts from there, as on a real
+        # line (without it a reader that forgot the request's own time would pass here).
+        wire = len(data) * 11 / (rate or kmp.BAUDRATE)
+        out = [(d + wire if d >= 0 else d, a, x) for d, a, x in super().feed(data, rate)]
         if self.disconnect_at is None:
             return out
         for i, (delay, answer, _) in enumerate(out):

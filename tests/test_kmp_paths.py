@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -360,3 +361,26 @@ def test_auto_says_what_each_rate_gave(tmp_path):
     assert_failed_once(run, "1200 baud: GetRegister 60,68,1004,86,87,89,80,74: no answer "
                        "within 0.3 s, 6 bytes of noise (after 3 tries); 2400 baud: ")  # fmt: skip
     assert run.lines[0].endswith("no answer within 0.3 s (after 3 tries)")
+
+
+def test_the_meter_answers_after_the_request_has_crossed_the_wire(tmp_path):
+    """A pty hands a request over at once; the simulated meter answers only after the
+    request's bits at 1200 baud and its own delay, as on a real line (a reader that
+    forgot the request's own time would pass a simulator without it).  A lower bound:
+    a loaded machine only makes the answer later."""
+    import serial
+
+    meter = sim.KmpEyeMeter()
+    line = sim.PtyLine(meter, baudrate=1200, pace=True)
+    try:
+        port = serial.Serial(line.path, 1200, stopbits=2, timeout=5)
+        request = kmp.get_register_request(kmp.read_plan()[0])
+        sent = time.monotonic()
+        port.write(request)
+        first = port.read(1)
+        came = time.monotonic() - sent
+        port.close()
+    finally:
+        line.close()
+    assert first == b"\x40"
+    assert came >= kmp.wire_seconds(len(request), 1200) + meter.delay + kmp.wire_seconds(1, 1200)
