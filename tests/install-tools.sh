@@ -32,7 +32,7 @@ PACKAGES=(
 	# debian/control below.
 	dpkg-dev          # dpkg-buildpackage
 	lintian           # checks the built .deb
-	debootstrap       # the Debian 12 root file system of the container
+	debootstrap       # the Debian 12 and 13 roots of the container (its trixie script and debian-archive-keyring's trixie keys suffice)
 	systemd-container # systemd-nspawn
 	util-linux        # nsenter
 )
