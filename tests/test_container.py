@@ -1104,6 +1104,45 @@ def test_a_file_systemd_refuses_is_refused(container, settings):
 
 
 # --------------------------------------------------------------------------
+# kamstrup-textfile --setup (issue 18): the first hour on a fresh install
+
+# udev's name for the FTDI adapter of 10-usbports.rules' example (made by hand here:
+# no udev in the container)
+BY_ID = "/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0"
+
+
+def test_setup_finds_the_meters_and_the_service_reads_them(container, settings):
+    """The simulated bus behind a /dev/serial/by-id link (the only adapter): `--setup
+    --yes` as root finds both meters, writes /etc/default/kamstrup naming the link (a pty
+    is no device udev knows, so no rule) and both meters, and starts the service once;
+    then `systemctl start kamstrup.service` reads every meter. (A second run, the faults
+    and the rule for a real adapter: tests/test_setup.py.)"""
+    container.run("rm", "-f", "/etc/default/kamstrup.orig", TEXTFILE)
+    with container.meter(meters=BUS_METERS) as device:
+        container.run("rm", "-f", PORT)  # meter()'s link: the adapter is the by-id one
+        container.run("mkdir", "-p", "/dev/serial/by-id")
+        container.run("ln", "-sfn", device, BY_ID)
+        try:
+            setup = container.run("kamstrup-textfile", "--setup", "--yes", check=False, timeout=600)
+            written = read_settings(container, ["/etc/default/kamstrup"])[0]
+            container.run("rm", "-f", TEXTFILE)
+            status, lines, text = container.start_service()
+        finally:
+            container.run("rm", "-rf", "/dev/serial", "/etc/default/kamstrup.orig")
+    said = setup.stdout + setup.stderr
+    assert setup.returncode == 0, said
+    assert "kamstrup.service read every meter (2)" in setup.stdout, said
+    assert "node_exporter serves the file" in setup.stdout, said
+    assert not container.path("/etc/udev/rules.d/10-usbports.rules").exists()
+    assert written["KAMSTRUP_PORT"] == BY_ID, written
+    # by secondary address (the serial numbers): found by the secondary search
+    assert sorted(written["KAMSTRUP_ADDRESS"].split()) == ["30303030", "77447744"], written
+    assert (status, lines) == (0, []), lines
+    meters = {dict(labels)["meter"]: value for labels, value in up(text).items()}
+    assert meters == {"30303030": 1.0, "77447744": 1.0}, text
+
+
+# --------------------------------------------------------------------------
 # Prometheus
 
 
