@@ -1216,8 +1216,8 @@ def read_settings(path: str, warnings: list | None = None) -> dict:
     unquoted value and the CR of a CR LF line go, a backslash-newline continues a line,
     lines starting with # or ; are comments, a key that is not a variable name (``export
     X``) is ignored.  The last of a name wins.  Raises OSError if the file cannot be
-    read, and SettingsError where systemd refuses the whole file (the service then does
-    not start): a NUL byte, a name or value that is not UTF-8.  A comment that ends in a
+    read, and SettingsError where systemd cannot load the file either (the service then
+    runs without it): a NUL byte, a name or value that is not UTF-8.  A comment that ends in a
     backslash ends at its line's end, as systemd 257 (Debian 13) reads it; 252 (Debian
     12) read the next line as part of it: its line number goes into ``warnings``."""
     with open(path, "rb") as f:
@@ -1383,8 +1383,8 @@ def settings(config: str | None, environ) -> tuple:
             ) from None
         except SettingsError as exc:
             raise click.UsageError(
-                f"settings file {_utf8(path)}: {exc}: systemd refuses the whole file "
-                "(kamstrup.service does not start)"
+                f"settings file {_utf8(path)}: {exc}: systemd cannot load it either "
+                "(kamstrup.service's EnvironmentFile=- then leaves it out)"
             ) from None
     from_file = sources[0][0] if sources else {}
     sources.append(({k: v for k, v in environ.items() if k.startswith("KAMSTRUP_")},

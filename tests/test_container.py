@@ -1027,7 +1027,15 @@ def test_settings_parsers_agree(container):
         SETTINGS_BY_RELEASE[container.suite],
         *SETTINGS_FILE_ENDS.values(),
     ]
-    assert read_settings(container, list(paths)) == list(by_systemd)
+    # The tool reads as systemd 257 (Debian 13) does; on 252 only a comment ending in a
+    # backslash is read apart (257 ends it at its line, 252 joined the next line), and
+    # the tool warns of it (tests/test_settings.py).
+    expected = [SYSTEMD_257_SETTINGS, *SETTINGS_FILE_ENDS.values()]
+    assert read_settings(container, list(paths)) == expected
+
+
+# A comment line whose last character before a line end is a backslash.
+COMMENT_ENDS_IN_BACKSLASH = re.compile(r"(^|[\n\r])[ \t]*[#;][^\n\r]*\\[\n\r]")
 
 
 def random_settings(rng: random.Random) -> str:
@@ -1055,8 +1063,11 @@ def test_settings_parsers_agree_on_random_files(container):
     assert refused == [], "systemd did not start with these files"
     by_tool = read_settings(container, [path for path, _ in by_systemd])
     disagree = [
-        (text, env, tool) for text, (_, env), tool in zip(texts, by_systemd, by_tool) if env != tool
-    ]
+        (text, env, tool)
+        for text, (_, env), tool in zip(texts, by_systemd, by_tool)
+        if env != tool
+        and not (container.suite == "bookworm" and COMMENT_ENDS_IN_BACKSLASH.search(text))
+    ]  # 252 joined a comment ending in a backslash to the next line; 257 and the tool do not
     assert disagree == [], "\n".join(f"{t!r}: systemd {e!r}, tool {o!r}" for t, e, o in disagree)
 
 
