@@ -61,7 +61,7 @@ from kamstrup_port import (
     port_holders,
 )  # fmt: skip
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ---------------------------------------------------------------------------
 # 1. Metrics: telegrams to Prometheus exposition text (and to JSON)
@@ -587,7 +587,7 @@ def readings_from_frames(frames: Sequence[bytes]) -> list:
 # The dates a meter sends are converted with the host's zone rules for their own date
 # (_utc_offset, _local_timestamp): they never read the host's current time.
 
-RELEASED = "2026-11-25"  # debian/changelog's newest entry: a host clock before it is wrong
+RELEASED = "2026-12-06"  # debian/changelog's newest entry: a host clock before it is wrong
 CLOCK_MARGIN = 5400.0  # seconds the host's clock may be off every meter's clock
 KEPT_MARGIN = 300.0  # seconds a kept last-success time may be ahead of now (NTP slewing)
 _ADVICE = "set it (NTP: systemd-timesyncd or chrony; a real-time clock on a board without one)"
