@@ -26,6 +26,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Sequence
 
+from kamstrup_port import _reason  # what the system said, on one line (termios.error too)
+
 # ---------------------------------------------------------------------------
 # 1. Frames (physical and data link layer)
 # ---------------------------------------------------------------------------
@@ -508,11 +510,6 @@ class KmpError(Exception):
 
 def wire_seconds(nbytes: int, baudrate: int = BAUDRATE) -> float:
     return nbytes * BYTE_BITS / baudrate
-
-
-def _reason(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return " ".join(str(text).split())
 
 
 class KmpMeter:

@@ -139,3 +139,20 @@ def test_what_does_not_apply_to_the_eye(eye, tmp_path):
     assert done.stderr.count("\n") == 1
     assert f"KAMSTRUP_ADDRESS in {config} does not apply to KMP" in done.stderr
     assert 'kamstrup_up{address="kmp"' in done.stdout
+
+
+def test_a_head_unplugged_says_what_the_system_said(monkeypatch):
+    """termios.error is no OSError and carries (errno, text): one line, the text."""
+    import termios
+
+    class Unplugged(sim.FakePort):
+        def read(self, n=1):
+            raise termios.error(5, "Input/output error")
+
+    meter = kmp.SimulatedKmpMeter()
+    monkeypatch.setattr(kt, "open_port", lambda *a, **k: Unplugged(meter, 0.001, None, 1200))
+    done = invoke(["--once", "--protocol", "kmp", "--output", "-"])
+    assert done.exit_code == 1
+    assert done.stderr.count("\n") == 1
+    assert "port failed while reading: Input/output error" in done.stderr
+    assert "(5," not in done.stderr
