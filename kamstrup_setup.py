@@ -448,13 +448,9 @@ def logical_lines(text: str) -> list:
                         state = "double_escape"
                 elif state == "double_escape":
                     state = "double"
-                elif state == "comment":
-                    if c == "\\":
-                        state = "comment_escape"
-                    elif c in "\n\r":
+                elif state == "comment":  # ends at its line's end, as systemd 257 and
+                    if c in "\n\r":  # read_settings read it (252 joined the next line)
                         state = "pre_key"
-                else:  # comment_escape
-                    state = "comment"
             i += 1
             if state == "pre_key" or i == len(physical):
                 break
@@ -521,6 +517,8 @@ def edit_settings(text: str, values: dict) -> str:
     missing = [n for n in values if n not in done and values[n] is not None]
     if missing and out and not out[-1].endswith(("\n", "\r")):
         out.append("\n")
+    if missing and out and re.search(r"^[ \t]*[#;].*\\\r?\n?$", out[-1]):
+        out.append("\n")  # systemd 252 joins the line after a comment ending in \ to it
     out += [f"{n}={quoted(values[n])}\n" for n in missing]
     return "".join(out)
 

@@ -397,3 +397,15 @@ def test_three_meters_at_9600_through_a_pty(tmp_path):
     assert written == {"KAMSTRUP_PORT": line.path, "KAMSTRUP_ADDRESS": "30303030 67434187 71234567",
                        "KAMSTRUP_BAUDRATE": "9600", "KAMSTRUP_PROTOCOL": "mbus"}  # fmt: skip
     assert "systemd does not run here" in result.stdout
+
+
+def test_a_line_appended_after_a_comment_ending_in_a_backslash_survives_both_systemds(tmp_path):
+    """systemd 252 (Debian 12) joins the line after such a comment to it, 257 does not:
+    a blank line between keeps the appended setting for both."""
+    import kamstrup_textfile as kt
+
+    edited = ks.edit_settings("# the cellar \\\n", {"KAMSTRUP_PORT": "/dev/ttymeterBus"})
+    assert edited == "# the cellar \\\n\nKAMSTRUP_PORT=/dev/ttymeterBus\n"
+    path = tmp_path / "kamstrup"
+    path.write_text(edited)
+    assert kt.read_settings(str(path)) == {"KAMSTRUP_PORT": "/dev/ttymeterBus"}
