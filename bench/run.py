@@ -356,12 +356,9 @@ def kmp_read(runs: int, pykmp: str | None) -> list:
     delays = len(pairs) * meter.delay
     sizes = " + ".join(f"{len(q)}/{len(a)}" for q, a in pairs)
     wire = kmp.wire_seconds(asked + answered) + delays
-    pty = kmp.wire_seconds(answered) + delays
     rows = [
         (f"wire floor: requests/answers {sizes} bytes at 1200 baud 11 bits, "
          f"{len(pairs)} x {meter.delay * 1000:.0f} ms", None, wire, len(pairs)),
-        (f"pty floor: the pty passes the requests at once, answers {answered} bytes + "
-         f"{len(pairs)} x {meter.delay * 1000:.0f} ms", None, pty, len(pairs)),
     ]  # fmt: skip
     env = dict(ENV, KAMSTRUP_CONFIG="")  # no settings file's meters or output
     out = tempfile.mkdtemp()
@@ -503,13 +500,12 @@ def table_6(runs: int, pykmp: str | None) -> None:
     print(f"\n## 6. One read through the optical eye (KMP) over a pty at 1200 baud, "
           f"median of {runs}\n")  # fmt: skip
     rows = kmp_read(runs, pykmp)
-    wire, pty = rows[0][2], rows[1][2]
-    print("| what | wall s | read s | read / wire floor | read / pty floor | requests |\n"
-          "| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
+    wire = rows[0][2]
+    print("| what | wall s | read s | read / wire floor | requests |\n"
+          "| --- | ---: | ---: | ---: | ---: |")  # fmt: skip
     for name, wall, read, requests in rows:
         wall_text = "" if wall is None else f"{wall:.3f}"
-        print(f"| {name} | {wall_text} | {read:.3f} | {read / wire:.2f}x | {read / pty:.2f}x "
-              f"| {requests} |")  # fmt: skip
+        print(f"| {name} | {wall_text} | {read:.3f} | {read / wire:.2f}x | {requests} |")
     print("\nread s: from opening the port to the last answer (kamstrup_textfile: the .prom's "
           "kamstrup_read_duration_seconds; PyKMP: timed in bench/pykmp_read.py), without "
           "Python's start-up, which wall s includes.")  # fmt: skip
