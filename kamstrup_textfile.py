@@ -1479,6 +1479,8 @@ def _differ(value: dict, conf: dict, given: dict, where: dict) -> str:
         mine, theirs = value[param], conf[param]
         if param == "port" and "://" not in mine + theirs and same_file(mine, theirs):
             continue  # /dev/ttyUSB0 for the link /dev/ttymeterBus is the same bus
+        if param == "addresses" and value["protocol"] != conf["protocol"]:
+            continue  # the eye has no addresses: the protocol is what differs
         if param == "addresses":
             mine, theirs = set(mine or (ADDRESS_ANY,)), set(theirs or (ADDRESS_ANY,))
         elif param == "labels":
