@@ -583,7 +583,7 @@ class KmpMeter:
 
     # -- one exchange ----------------------------------------------------
 
-    def _answer(self, request: bytes, sent_at: float) -> KmpFrame:
+    def _answer(self, request: bytes, sent_at: float, fits=None) -> KmpFrame:
         deadline = sent_at + wire_seconds(1, self.baudrate) + self.timeout
         hard = deadline + 2 * wire_seconds(LONGEST_ANSWER, self.baudrate) + STALL
         buf = bytearray()
@@ -619,6 +619,9 @@ class KmpMeter:
                 except KmpFrameError as exc:
                     bad = str(exc)
                 else:
+                    if fits is not None and not fits(parsed):  # a late answer to a retry
+                        self._trace("late", frame)
+                        continue
                     if self.on_answer is not None:
                         self.on_answer(frame)
                     return parsed
@@ -650,7 +653,7 @@ class KmpMeter:
         if skipped:
             self._trace("noise", skipped)
 
-    def exchange(self, request: bytes, what: str) -> KmpFrame:
+    def exchange(self, request: bytes, what: str, fits=None) -> KmpFrame:
         """Send ``request``, return the meter's checked answer; at most 1 + retries
         requests, each on a quiet line."""
         reason = ""
@@ -658,7 +661,7 @@ class KmpMeter:
             if attempt:
                 self.quiet()
             try:
-                return self._answer(request, self._send(request))
+                return self._answer(request, self._send(request), fits)
             except KmpError as exc:
                 if str(exc).startswith("port failed"):  # asking again will not help
                     raise
@@ -670,8 +673,8 @@ class KmpMeter:
 
     # -- commands ----------------------------------------------------------
 
-    def _ask(self, request: bytes, what: str, parse):
-        frame = self.exchange(request, what)
+    def _ask(self, request: bytes, what: str, parse, fits=None):
+        frame = self.exchange(request, what, fits)
         try:
             if frame.destination != HEAT_METER:
                 raise KmpFrameError(f"answer from address 0x{frame.destination:02X}")
@@ -687,7 +690,13 @@ class KmpMeter:
 
     def get_registers(self, ids: Sequence[int]) -> dict:
         what = f"GetRegister {','.join(map(str, ids))}"
-        return self._ask(get_register_request(ids), what, lambda f: parse_registers(f, ids))
+
+        def fits(frame: KmpFrame) -> bool:  # not the answer to an earlier request's retry
+            first = int.from_bytes(frame.data[:2], "big") if len(frame.data) >= 2 else None
+            return frame.cid != CID_GET_REGISTER or first is None or first in ids
+
+        request = get_register_request(ids)
+        return self._ask(request, what, lambda f: parse_registers(f, ids), fits)
 
     def read(self, ids: Sequence[int] = READ_REGISTERS) -> KmpReading:
         """One read: the registers in ``read_plan`` requests (2 for the default ten).

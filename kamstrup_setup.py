@@ -714,9 +714,10 @@ def _setup(port, baudrate, protocol, timeout, retries, config, output, yes, log,
         kt._fail(f"stopped by {kt.Stopped(kt._STOPPING['signum']).name}: "
                  f"{', '.join(wrote) or 'nothing'} written whole")  # fmt: skip
         return 128 + kt._STOPPING["signum"]
+    before = {rules_path: old_rules, settings: old_settings}
     for name in wrote:
-        _tell(f"Wrote {name} (the one before: {name}.orig)" if name != rules_path
-              or old_rules is not None else f"Wrote {name}")  # fmt: skip
+        _tell(f"Wrote {name} (the one before: {name}.orig)" if before[name] is not None
+              else f"Wrote {name}")  # fmt: skip
     if not wrote:
         _tell("The configuration is already this: nothing changed.")
     if rule and rules_path in wrote:

@@ -1479,6 +1479,8 @@ def _differ(value: dict, conf: dict, given: dict, where: dict) -> str:
         mine, theirs = value[param], conf[param]
         if param == "port" and "://" not in mine + theirs and same_file(mine, theirs):
             continue  # /dev/ttyUSB0 for the link /dev/ttymeterBus is the same bus
+        if param == "addresses" and value["protocol"] != conf["protocol"]:
+            continue  # the eye has no addresses: the protocol is what differs
         if param == "addresses":
             mine, theirs = set(mine or (ADDRESS_ANY,)), set(theirs or (ADDRESS_ANY,))
         elif param == "labels":
@@ -2034,6 +2036,10 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         except OutputError as exc:
             _fail(str(exc))
             sys.exit(1)
+    if once and fmt == "prom" and output != "-" and not output.endswith(".prom"):
+        said = where["output"] if "output" in where and "output" not in given else "--output"
+        _fail(f"warning: {said}: {_utf8(output)} does not end in .prom: node_exporter's "
+              "textfile collector reads only *.prom files")  # fmt: skip
     if capture_file is not None and not once and "capture_file" not in given:
         capture_file = None  # KAMSTRUP_CAPTURE is the timer's: a scan or a decode has none
     if capture_file is not None:

@@ -293,6 +293,20 @@ def test_a_port_udev_does_not_know_is_configured_as_named(machine):
     assert "no udev rule" in result.stdout
 
 
+def test_a_first_settings_file_names_no_orig_that_is_not_there(machine):
+    """No /etc/default/kamstrup before (pip install, no package): the line said 'Wrote
+    .../kamstrup (the one before: .../kamstrup.orig)', a file that does not exist."""
+    root, meters, _, _ = machine
+    plug(root)
+    meters.append(sim.Meter(address=48))
+    result = setup()
+    assert result.exit_code == 0, result.stderr
+    settings = root / "etc" / "default" / "kamstrup"
+    assert settings.exists() and not (root / "etc" / "default" / "kamstrup.orig").exists()
+    assert f"Wrote {settings}" in result.stdout.splitlines()
+    assert ".orig" not in result.stdout
+
+
 # -- the settings file: every line not setting our names survives -------------
 
 LINE = st.one_of(
