@@ -1607,6 +1607,9 @@ class Stopped(BaseException):
 
 
 _STOPPING = {"signum": None, "raise_": True}  # what the handler does; see main()
+# signal.SIGHUP on Linux: a closed SSH session stops a hand run, and the previous file
+# stays as it was (no fault of the meters' to write down)
+_SIGHUP = 1
 
 
 def _stop(signum, frame) -> None:
@@ -2102,8 +2105,16 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
         finally:
             if capture is not None:
                 capture.close()
-        _report(readings)
+        if _STOPPING["signum"] != _SIGHUP:
+            _report(readings)
     _STOPPING["raise_"] = False  # from here on a signal waits for the output to be written
+    if once and _STOPPING["signum"] == _SIGHUP:  # a closed terminal: the meters are fine
+        unread = ", ".join(str(r.address) for r in readings if r.error and "stopped by" in r.error)
+        where = f"{_utf8(output)} is left as it was"
+        if output == "-":
+            where = "standard output gets nothing"
+        _fail(f"stopped by SIGHUP: {where} (not read: address {unread})")
+        sys.exit(128 + _SIGHUP)
 
     clock = None
     if fmt == "json":
