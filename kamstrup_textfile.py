@@ -1351,7 +1351,7 @@ class Setting(_Plain):
 
 def settings(config: str | None, environ) -> tuple:
     """({parameter: Setting} from the settings file, then the environment; the same from
-    the file alone; [warnings]).
+    the file alone; [warnings]; {parameter: where an empty NAME= set it back}).
 
     ``config``: the settings file (None: $KAMSTRUP_CONFIG, else /etc/default/kamstrup; a
     default file that does not exist is no settings).  Values are stripped of
@@ -1390,6 +1390,7 @@ def settings(config: str | None, environ) -> tuple:
     sources.append(({k: v for k, v in environ.items() if k.startswith("KAMSTRUP_")},
                     "in the environment"))  # fmt: skip
     in_file: dict = {}
+    cleared: dict = {}  # parameter -> where a NAME= (empty) set it back to its default
     for values, where in sources:
         if where == "in the environment":
             in_file = dict(found)
@@ -1400,14 +1401,15 @@ def settings(config: str | None, environ) -> tuple:
                     continue  # systemd passed the file's own line on: keep saying the file
                 if text:
                     found[SETTINGS[name]] = Setting(name, text, f"{name} {where}")
-                else:
-                    found.pop(SETTINGS[name], None)  # NAME= (empty): the default again
+                else:  # NAME= (empty): the default again, said to come from NAME
+                    found.pop(SETTINGS[name], None)
+                    cleared[SETTINGS[name]] = f"{name}= (empty) {where}"
                 continue
             if name == CONFIG_VARIABLE:
                 if where != "in the environment":
                     warnings.append(f"{name} {where} has no effect there: it names the file")
                 continue
-            if not name.startswith("KAMSTRUP_") or name in seen_unknown:
+            if not name.upper().startswith("KAMSTRUP_") or name in seen_unknown:
                 continue
             seen_unknown.add(name)
             if name in ACTIONS:
@@ -1417,7 +1419,7 @@ def settings(config: str | None, environ) -> tuple:
             near = difflib.get_close_matches(name, list(SETTINGS), n=1, cutoff=0.6)
             hint = f" (did you mean {near[0]}?)" if near else ""
             warnings.append(f"{name} {where} is not a setting of {PROG}{hint}: ignored")
-    return found, in_file, warnings
+    return found, in_file, warnings, cleared
 
 
 def _setting_value(ctx, param: str, setting: Setting):
@@ -1503,7 +1505,8 @@ def _live_file_guard(value: dict, conf: dict, given: dict, where: dict, conf_whe
     if "output" in given:
         raise click.UsageError(
             f"--output {_utf8(output)} is the live file, and this run's {differ} "
-            f"is not the configuration's: it would forget meters (use another file or -)"
+            f"{'are' if ' and ' in differ else 'is'} not the configuration's: it would forget "
+            "meters (use another file or -)"
         )
     _fail(
         f"{differ} {'is' if ' and ' not in differ else 'are'} not the configuration's "
@@ -1952,7 +1955,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
     ctx = click.get_current_context()
-    found, in_file, warnings = settings(config, os.environ)
+    found, in_file, warnings, cleared = settings(config, os.environ)
     modes = [
         option
         for option, on in (("--once", once), ("--decode", decode_file), ("--scan", scan),
@@ -1977,7 +1980,7 @@ def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, c
     configured = {param: _setting_value(ctx, param, s) for param, s in found.items()}
     if decode_file is not None:
         configured.pop("output", None)  # KAMSTRUP_OUTPUT is the live file's: --output only
-    where = {param: s.where for param, s in found.items()}
+    where = {**cleared, **{param: s.where for param, s in found.items()}}
     value = {**DEFAULTS, **configured, **given}
     # What the timer's run uses: the settings file, and the unit's environment when
     # systemd started us ($INVOCATION_ID); a hand run's KAMSTRUP_ADDRESS=48 is a hand run's.

@@ -539,3 +539,17 @@ def test_a_comment_ending_in_a_backslash_is_read_as_systemd_257_reads_it(tmp_pat
     assert done.returncode == 0
     assert done.stderr.count(b"\n") == 1
     assert b"line 1 of" in done.stderr and b"systemd 252 (Debian 12)" in done.stderr
+
+
+def test_an_emptied_variable_is_named_as_such_and_a_lower_case_name_warns(tmp_path):
+    config, live = live_config(tmp_path)
+    assert hand_run(config).returncode == 0
+    before = live.read_bytes()
+    done = hand_run(config, environ=env(KAMSTRUP_ADDRESS=""))  # 254: both meters answer
+    assert live.read_bytes() == before
+    assert b"KAMSTRUP_ADDRESS= (empty) in the environment is not the configuration's" in (
+        done.stderr
+    )
+    config.write_text(config.read_text() + "kamstrup_bus=heat\n")
+    done = hand_run(config)
+    assert b"kamstrup_bus in" in done.stderr and b"KAMSTRUP_BUS" in done.stderr
