@@ -1416,7 +1416,7 @@ def settings(config: str | None, environ) -> tuple:
                 warnings.append(f"{name} {where} is ignored: {ACTIONS[name]} is given on "
                                 "the command line only")  # fmt: skip
                 continue
-            near = difflib.get_close_matches(name, list(SETTINGS), n=1, cutoff=0.6)
+            near = difflib.get_close_matches(name.upper(), list(SETTINGS), n=1, cutoff=0.6)
             hint = f" (did you mean {near[0]}?)" if near else ""
             warnings.append(f"{name} {where} is not a setting of {PROG}{hint}: ignored")
     return found, in_file, warnings, cleared
