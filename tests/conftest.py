@@ -43,5 +43,4 @@ def no_settings_file(monkeypatch):
     is none unless a test names one (--config, or KAMSTRUP_CONFIG itself)."""
     monkeypatch.setenv("KAMSTRUP_CONFIG", "")
     for name in [n for n in os.environ if n.startswith("KAMSTRUP_") and n != "KAMSTRUP_CONFIG"]:
-        if name != "KAMSTRUP_DEB":
-            monkeypatch.delenv(name)
+        monkeypatch.delenv(name)  # the tests' own settings are TEST_DEB, TEST_ROOTFS_CACHE

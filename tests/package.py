@@ -2,7 +2,7 @@
 
 `build_deb` builds the package the way the README says (`dpkg-buildpackage -us -uc -b`
 at the top of a copy of the repository, the .deb in the directory above it), unless
-KAMSTRUP_DEB names one already built: .ci/run builds once, runs lintian on that file
+TEST_DEB names one already built: .ci/run builds once, runs lintian on that file
 and hands it to every test run, so the tests check the file lintian checked.
 """
 
@@ -91,12 +91,12 @@ def binary_relations() -> tuple[list[str], list[str]]:
 
 
 def build_deb(workdir: Path) -> Path:
-    """The built .deb: KAMSTRUP_DEB if set, else built from a copy of the repository."""
-    given = os.environ.get("KAMSTRUP_DEB")
+    """The built .deb: TEST_DEB if set, else built from a copy of the repository."""
+    given = os.environ.get("TEST_DEB")
     if given:
         path = Path(given)
         if not path.is_file():
-            pytest.fail(f"KAMSTRUP_DEB={given}: no such file", pytrace=False)
+            pytest.fail(f"TEST_DEB={given}: no such file", pytrace=False)
         return path
     require_tool("/usr/bin/dpkg-buildpackage")
     src = workdir / "src"

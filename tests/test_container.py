@@ -12,7 +12,7 @@ How it runs on a machine whose PID 1 is not systemd (what was tried and works th
   names none). The Depends and Recommends of debian/control are downloaded into its apt
   cache (not installed), so that apt inside the container resolves them for real but
   needs no network. It is built once per release and cached under
-  /var/cache/kamstrup-tests (set KAMSTRUP_TEST_CACHE for another place; a changed
+  /var/cache/kamstrup-tests (set TEST_ROOTFS_CACHE for another place; a changed
   package list builds a new one); each release's fixture boots a throw-away copy.
 - systemd-nspawn -b runs in a cgroup of its own (--register=no --keep-unit: there is
   no host systemd to register with), on the unified hierarchy
@@ -68,7 +68,7 @@ import kamstrup_textfile
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 
-CACHE = Path(os.environ.get("KAMSTRUP_TEST_CACHE", "/var/cache/kamstrup-tests"))
+CACHE = Path(os.environ.get("TEST_ROOTFS_CACHE", "/var/cache/kamstrup-tests"))
 # The releases the container boots (debootstrap's suite names).
 RELEASES = ("bookworm", "trixie")
 BASE = ("systemd", "systemd-sysv", "dbus", "python3", "udev")  # udev: its tools only

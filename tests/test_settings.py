@@ -553,3 +553,19 @@ def test_an_emptied_variable_is_named_as_such_and_a_lower_case_name_warns(tmp_pa
     config.write_text(config.read_text() + "kamstrup_bus=heat\n")
     done = hand_run(config)
     assert b"kamstrup_bus in" in done.stderr and b"KAMSTRUP_BUS" in done.stderr
+
+
+def test_no_kamstrup_variable_of_the_test_machinery_reaches_the_tool():
+    """The tool warns of every KAMSTRUP_* name it does not know: the tests' own settings
+    (the .deb CI built, the root file systems' cache) must not be such names, or every
+    run under CI says a warning line more (KAMSTRUP_DEB did)."""
+    import pathlib
+
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert not re.search(r"export KAMSTRUP_", ci)
+    names = {
+        m
+        for p in pathlib.Path(ROOT / "tests").glob("*.py")
+        for m in re.findall(r"environ(?:\.get)?[\[(]\"(KAMSTRUP_\w+)", p.read_text())
+    }
+    assert names <= set(kt.SETTINGS) | {kt.CONFIG_VARIABLE}, names
