@@ -1940,17 +1940,19 @@ Examples:
 def cli(port, baudrate, addresses, timeout, retries, output, bus, fmt, labels, capture_file,
         protocol, config, once, decode_file, scan, scan_secondary, setup, yes,
         verbose):  # fmt: skip
-    """Read Kamstrup MULTICAL heat meters over M-Bus into a node_exporter textfile.
+    """Read Kamstrup MULTICAL heat meters over M-Bus or their optical eye (KMP) into a
+    node_exporter textfile.
 
     Give one of --once (read the meters, write the file: what the timer runs),
-    --scan or --scan-secondary (find the meters on a bus), or --decode FILE.
+    --scan or --scan-secondary (find the meters on a bus), --setup (from a plugged-in
+    adapter to every meter in Prometheus), or --decode FILE.
 
     Settings come from /etc/default/kamstrup (the file kamstrup.service reads), then
     the environment, then the command line, each overriding the one before: a hand run
     is the timer's run.  The names in [brackets] are the only ones read.  A run whose
-    meters (--port, --address, --bus, --label) are not the configuration's leaves the
-    configuration's output alone and writes to stdout, unless --output names another
-    file.
+    meters (--port, --protocol, --address, --bus, --label) are not the configuration's
+    leaves the configuration's output alone and writes to stdout, unless --output names
+    another file.
 
     Exit status: 0 all meters read, 1 a meter or the output failed, 2 usage error.
     """
