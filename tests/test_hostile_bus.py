@@ -418,8 +418,13 @@ def request_on(master: int, client: subprocess.Popen) -> bytes:
 @pytest.mark.slow
 def test_a_second_run_names_the_first_run_that_holds_the_port(tmp_path):
     """The console script's process name is cut at 15 characters (kamstrup-textfi)."""
-    script = Path(sys.executable).parent / "kamstrup-textfile"
-    assert script.exists(), "pip install -e . makes the console script"
+    script = Path(sys.executable).parent / "kamstrup-textfile"  # pip install's console script
+    if not script.exists():  # Debian's python3 with PYTHONPATH (CI's second run): the same
+        script = tmp_path / "kamstrup-textfile"
+        script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, "
+                          f"{str(Path(TOOL).parent)!r})\nfrom kamstrup_textfile import main\n"
+                          "sys.exit(main())\n")  # fmt: skip
+        script.chmod(0o755)
     master, slave = os.openpty()
     path = os.ttyname(slave)
     os.close(slave)

@@ -144,7 +144,8 @@ def open_dir():
     """A directory user nobody can enter (pytest's tmp_path is root-only), with a tool copy."""
     path = Path(tempfile.mkdtemp(prefix="kamstrup-test-"))
     path.chmod(0o755)
-    shutil.copy(TOOL, path / "kamstrup_textfile.py")
+    for module in Path(TOOL).parent.glob("kamstrup_*.py"):  # the script and what it imports
+        shutil.copy(module, path / module.name)
     (path / "kamstrup_textfile.py").chmod(0o755)
     try:
         yield path
