@@ -2459,6 +2459,11 @@ def main() -> None:
     # SIGHUP too: a closed SSH session (or terminal) ends a hand run as systemd's stop does
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, _stop)
+    # click 7 (Debian 11) refuses to run where Python's encoding is ASCII (LC_ALL=C with
+    # PYTHONUTF8=0) with a traceback; every byte we read and write is UTF-8 whatever
+    # the locale, so its check has nothing to protect here (click 8 dropped it)
+    if hasattr(click.core, "_verify_python3_env"):
+        click.core._verify_python3_env = lambda: None
     cli()  # named as invoked
 
 
