@@ -75,10 +75,14 @@ def pymeterbus_python() -> str | None:
 
 
 def pykmp_python() -> str | None:
+    """The python of bench/.venv-pykmp with pykmp 0.0.2 (it needs Python >= 3.10), made
+    if missing; None, said on stderr, if it cannot be.  The venv counts as made only
+    once pykmp is in it: a half-made one (an interrupted or failed pip) is made anew."""
     python = VENV_PYKMP / "bin" / "python"
-    if not python.exists():
+    ready = VENV_PYKMP / "pykmp-installed"
+    if not ready.exists():
         base = sys.executable if sys.version_info >= (3, 10) else "/usr/bin/python3"
-        subprocess.run([base, "-m", "venv", str(VENV_PYKMP)], check=True)
+        subprocess.run([base, "-m", "venv", "--clear", str(VENV_PYKMP)], check=True)
         done = subprocess.run(
             [str(python), "-m", "pip", "install", "-q", "pykmp[serial]==0.0.2"],
             capture_output=True,
@@ -87,6 +91,7 @@ def pykmp_python() -> str | None:
         if done.returncode != 0:
             print(f"PyKMP could not be installed: {done.stderr.strip()[-300:]}", file=sys.stderr)
             return None
+        ready.touch()
     return str(python)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -19,24 +18,20 @@ pytestmark = pytest.mark.slow
 
 TOP = Path(__file__).resolve().parent.parent
 CLIENT = str(TOP / "tests" / "pykmp_client.py")
-VENV = TOP / "bench" / ".venv-pykmp"
 
 
 @pytest.fixture(scope="module")
 def pykmp() -> str:
-    """The python of bench/.venv-pykmp (made with pykmp 0.0.2 if missing)."""
-    python = VENV / "bin" / "python"
-    if not python.exists():
-        base = sys.executable if sys.version_info >= (3, 10) else "/usr/bin/python3"
-        subprocess.run([base, "-m", "venv", str(VENV)], check=True)
-        done = subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "pykmp[serial]==0.0.2"],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            pytest.fail(f"pykmp 0.0.2 could not be installed: {done.stderr.strip()[-300:]}")
-    return str(python)
+    """The python of bench/.venv-pykmp, as the benchmark makes it (bench/run.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", TOP / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    python = bench.pykmp_python()
+    if python is None:
+        pytest.fail("pykmp 0.0.2 could not be installed (its pip said why, above)")
+    return python
 
 
 def client(python: str, what: str, answer: bytes, ids) -> dict:
